@@ -1,0 +1,214 @@
+"""Turn sampled latents into the files a user looks at and listens to: one folder per candidate.
+
+A render folder holds::
+
+    view0.png, view1.png, ...   what each view shows (SD's VAE, the view applied at 8x in pixels)
+    spectrogram.png             the canvas as Auffusion's VAE decodes it, right strip cropped (what is heard)
+    audio0.wav, ...             one 16 kHz WAV per audio prompt (the canvas, or the canvas under view a)
+    transition.gif              view 0 turning into view 1
+    config.yaml                 re-renders exactly this candidate
+    render.json                 seed, device, dtype, steps done, sample counts, file list
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sounding_anagrams.config import RenderConfig
+from sounding_anagrams.sampler.audio import MelConfig, griffin_lim, image_to_log_mel, write_wav
+from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
+from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepCallback
+from sounding_anagrams.sampler.views import View
+from sounding_anagrams.sampler.vocoder import vocode
+
+logger = logging.getLogger(__name__)
+
+MEL = MelConfig()
+GIF_FRAMES = 24  # frames of the turn itself; holds at both ends are added
+GIF_MAX_SIDE = 512
+
+
+@dataclass
+class Decoded:
+    """One candidate decoded: pictures in [0, 1] ``(3, H, W)`` per view, the heard canvas, and its sounds."""
+
+    pictures: list[torch.Tensor]
+    spectrogram: torch.Tensor  # (H, W - crop_right) in [0, 1]
+    waves: list[np.ndarray]  # one per audio prompt, float32 in [-1, 1]
+    transition: list[torch.Tensor]  # frames (3, H', W') in [0, 1]
+
+
+@dataclass
+class RenderResult:
+    folder: Path
+    config: RenderConfig
+    files: dict[str, Path] = field(default_factory=dict)
+    failure: str | None = None
+    stopped: bool = False
+
+
+@torch.no_grad()
+def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` pixels in [-1, 1] with that model's own VAE."""
+    vae = model.vae
+    z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
+    return vae.decode(z).sample.float().clamp(-1, 1).cpu()
+
+
+def to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return ((pixels + 1) / 2).clamp(0, 1)
+
+
+def spectrogram_to_wave(spectrogram: torch.Tensor, config: RenderConfig, models: ModelBundle) -> np.ndarray:
+    """``(H, W)`` canvas in [0, 1] -> waveform ``(W * hop,)``, by the HiFi-GAN vocoder or Griffin-Lim."""
+    log_mel = image_to_log_mel(spectrogram[None], MEL)  # (1, H, W), row 0 of the image = highest bin
+    n_mels = models.vocoder.config.num_mels if models.vocoder is not None else MEL.n_mels
+    if log_mel.shape[1] != n_mels:
+        # A non-256-pixel-high canvas: resample its rows to the vocoder's mel bins.
+        logger.warning("canvas height %d resampled to %d mel bins for the sound", log_mel.shape[1], n_mels)
+        log_mel = F.interpolate(log_mel[:, None], size=(n_mels, log_mel.shape[-1]), mode="bilinear")[:, 0]
+    if config.vocoder == "griffin_lim":
+        wave = griffin_lim(log_mel, MEL, seed=config.seed)
+    else:
+        if models.vocoder is None:
+            raise ValueError("vocoder='hifigan' needs models loaded with_vocoder=True")
+        wave = vocode(models.vocoder, log_mel.to(next(models.vocoder.parameters()).device))
+    return wave[0].float().cpu().numpy()
+
+
+def transition_frames(
+    views: Sequence[View], pixels: torch.Tensor, pictures: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Frames of view 0 turning into view 1 and back; a continuous turn where view 0 is the identity."""
+    if len(views) < 2:
+        return [pictures[0]]
+    ts = [i / (GIF_FRAMES - 1) for i in range(GIF_FRAMES)]
+    if views[0].name == "identity":
+        turn = [to_unit(views[1].animate_pixels(pixels, t))[0] for t in ts]
+    else:
+        turn = [(1 - t) * pictures[0] + t * pictures[1] for t in ts]
+    hold = 8
+    return [turn[0]] * hold + turn + [turn[-1]] * hold + turn[::-1]
+
+
+@torch.no_grad()
+def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBundle) -> Decoded:
+    """Decode one ``(4, h, w)`` latent into pictures per view, the heard canvas, sounds and the animation."""
+    views = config.parsed_views()
+    pixels = decode_latents(models.image, latent[None])  # (1, 3, H, W) in [-1, 1]
+    pictures = [to_unit(view.view_pixels(pixels))[0] for view in views]
+
+    canvas = decode_latents(models.audio, latent[None])  # Auffusion's VAE: the spectrogram that becomes sound
+    # The dark strip sits at the right of the frame the audio model denoised, so crop after the view.
+    width = config.width - config.crop_right
+    spectrogram = to_unit(canvas)[0].mean(dim=0)[:, :width]  # (H, W - crop) grayscale
+    waves = [
+        spectrogram_to_wave(to_unit(view.view_pixels(canvas))[0].mean(dim=0)[:, :width], config, models)
+        for view in config.parsed_audio_views()
+    ]
+    return Decoded(pictures, spectrogram, waves, transition_frames(views, pixels, pictures))
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3, H, W)`` or ``(H, W)`` in [0, 1] -> 8-bit PIL image (rounded: same input, same bytes)."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    if array.ndim == 3:
+        return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+    return Image.fromarray(array, mode="L")
+
+
+def write_gif(path: Path, frames: Sequence[torch.Tensor], fps: int = 12) -> None:
+    images = []
+    for frame in frames:
+        image = _to_pil(frame.mean(dim=0))  # the canvas is grayscale: an exact 256-level palette
+        scale = min(1.0, GIF_MAX_SIDE / max(image.size))
+        if scale < 1.0:
+            image = image.resize(
+                (round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR
+            )
+        images.append(image)
+    images[0].save(
+        path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=False
+    )
+
+
+def write_render_folder(
+    folder: Path, config: RenderConfig, decoded: Decoded, metadata: dict[str, Any]
+) -> dict[str, Path]:
+    """Write every file of one candidate; returns name -> path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    for index, picture in enumerate(decoded.pictures):
+        files[f"view{index}"] = folder / f"view{index}.png"
+        _to_pil(picture).save(files[f"view{index}"])
+    files["spectrogram"] = folder / "spectrogram.png"
+    _to_pil(decoded.spectrogram).save(files["spectrogram"])
+    for index, wave in enumerate(decoded.waves):
+        files[f"audio{index}"] = folder / f"audio{index}.wav"
+        write_wav(files[f"audio{index}"], wave, MEL.sample_rate)
+    files["transition"] = folder / "transition.gif"
+    write_gif(files["transition"], decoded.transition)
+    files["config"] = folder / "config.yaml"
+    files["config"].write_text(config.to_yaml(), encoding="utf-8")
+    files["render"] = folder / "render.json"
+    summary = {
+        **metadata,
+        "sample_rate": MEL.sample_rate,
+        "num_samples": [len(wave) for wave in decoded.waves],
+        "duration_s": [round(len(wave) / MEL.sample_rate, 4) for wave in decoded.waves],
+        "files": sorted(path.name for path in files.values()),
+    }
+    files["render"].write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return files
+
+
+def render(
+    configs: Sequence[RenderConfig],
+    models: ModelBundle,
+    folders: Sequence[Path],
+    *,
+    callback: StepCallback | None = None,
+    progress: bool = True,
+    max_unet_batch: int | None = None,
+) -> list[RenderResult]:
+    """Sample a batch of candidates in one batched run, then decode and write each to its folder.
+
+    A candidate that fails (non-finite latents, a decoding error) gets ``failure`` set and no files; the
+    others are still written. Candidates stopped by the callback are not decoded.
+    """
+    if len(configs) != len(folders):
+        raise ValueError(f"give one folder per config: {len(configs)} configs, {len(folders)} folders")
+    output: SamplerOutput = JointSampler(models, max_unet_batch=max_unet_batch)(
+        configs, callback=callback, progress=progress
+    )
+    results = []
+    for index, (config, folder) in enumerate(zip(configs, folders, strict=True)):
+        result = RenderResult(Path(folder), config, stopped=output.stopped[index])
+        result.failure = output.failures.get(index)
+        if result.failure is None and not result.stopped:
+            try:
+                decoded = decode_candidate(output.latents[index], config, models)
+                metadata = {
+                    "seed": config.seed,
+                    "device": str(models.device),
+                    "dtype": str(models.dtype).removeprefix("torch."),
+                    "steps_done": output.steps_done[index],
+                    "torch": torch.__version__,
+                }
+                result.files = write_render_folder(result.folder, config, decoded, metadata)
+            except (RuntimeError, ValueError) as error:
+                result.failure = f"decoding failed: {error}"
+        if result.failure:
+            logger.warning("candidate %d (seed %d) failed: %s", index, config.seed, result.failure)
+        results.append(result)
+    return results

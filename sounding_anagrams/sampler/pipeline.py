@@ -1,0 +1,347 @@
+"""The joint sampler: one latent denoised by an image model under several views and by an audio model.
+
+For candidate ``c`` at step ``i`` (DESIGN.md section 1)::
+
+    eps = w_s * sum_a a_a * u_a^-1( cfg(eps_audio(u_a(z), t, y_audio_a)) )
+        + (1 - w_s) * sum_v w_v * v^-1( cfg(eps_image(v(z), t, y_image_v)) )
+
+where ``u_a`` is the identity for a single audio prompt, else view ``a``. Before a model's start step only the
+other model's term is used, with weight 1. All candidates x views x CFG branches go through ONE image-UNet
+call and ONE audio-UNet call per step (chunked only when ``max_unet_batch`` or memory asks for it); a term
+whose weight is zero, or whose start step is not reached, costs no UNet work.
+
+The loop is written out once in ``__call__`` as numbered steps; each step is a small named function.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from tqdm.auto import tqdm
+
+from sounding_anagrams.config import RenderConfig, check_shared_fields
+from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
+from sounding_anagrams.sampler.views import View
+
+logger = logging.getLogger(__name__)
+
+_OOM_ERRORS: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+
+
+@dataclass
+class StepState:
+    """What the per-step callback sees, after the scheduler step of loop index ``step``.
+
+    ``candidates`` are indices into the batch of configs that are still rendering; ``latents`` and ``pred_x0``
+    are theirs, ``(n, 4, h, w)`` in float32.
+    """
+
+    step: int
+    candidates: list[int]
+    timesteps: torch.Tensor
+    latents: torch.Tensor
+    pred_x0: torch.Tensor
+    num_inference_steps: list[int]
+
+
+# The callback may return the indices of candidates to stop rendering (pruning); None keeps them all.
+StepCallback = Callable[[StepState], Iterable[int] | None]
+
+
+@dataclass
+class SamplerOutput:
+    """Final latents ``(N, 4, h, w)`` float32 on the CPU, and what happened to each candidate."""
+
+    latents: torch.Tensor
+    stopped: list[bool]
+    failures: dict[int, str]
+    unet_calls: dict[str, int]
+    unet_samples: dict[str, int]
+    steps_done: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Term:
+    """One prompt of one model seen through one view, for a group of candidates."""
+
+    view: View
+    prompt_index: int
+    weights: list[float]  # per candidate in the batch (0 = skip)
+
+
+@dataclass
+class _Plan:
+    """Per-candidate schedule and knobs, derived once from the configs."""
+
+    config: RenderConfig
+    scheduler: Any
+    timesteps: list[int]
+
+
+def make_scheduler(name: str, schedule_config: dict[str, Any], num_inference_steps: int) -> Any:
+    """A fresh scheduler per candidate: multistep solvers keep per-sample history."""
+    if name == "ddim":
+        scheduler: Any = DDIMScheduler.from_config(schedule_config)
+    elif name == "dpmsolver++":
+        scheduler = DPMSolverMultistepScheduler.from_config(
+            schedule_config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    else:  # RenderConfig already rejected it; kept for direct callers.
+        raise ValueError(f"unknown scheduler {name!r}")
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler
+
+
+class JointSampler:
+    """Batched sampler over candidates that share prompts, views and canvas (their knobs may differ)."""
+
+    def __init__(self, models: ModelBundle, *, max_unet_batch: int | None = None) -> None:
+        if max_unet_batch is not None and max_unet_batch < 2:
+            raise ValueError(f"max_unet_batch must be at least 2 (one CFG pair), but got {max_unet_batch=}.")
+        self.models = models
+        self.max_unet_batch = max_unet_batch
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        configs: Sequence[RenderConfig],
+        *,
+        callback: StepCallback | None = None,
+        progress: bool = True,
+    ) -> SamplerOutput:
+        # 1. Check inputs: one batch shares prompts, views and canvas.
+        self.check_inputs(configs)
+        first = configs[0]
+        views = first.parsed_views()
+        audio_views = first.parsed_audio_views()
+
+        # 2. Encode each prompt once for the whole run.
+        image_cond, image_uncond = self.encode_prompts(
+            self.models.image, list(first.image_prompts), first.image_negative_prompt
+        )
+        audio_cond, audio_uncond = self.encode_prompts(
+            self.models.audio, list(first.audio_prompts), first.audio_negative_prompt
+        )
+
+        # 3. Prepare the initial noise (seeded, on the CPU) and a scheduler per candidate.
+        latents = self.prepare_latents(configs)
+        plans = self.prepare_schedules(configs)
+        image_terms = [_Term(v, i, [c.view_weights[i] for c in configs]) for i, v in enumerate(views)]  # type: ignore[index]
+        audio_terms = [
+            _Term(v, i, [c.audio_view_weights[i] for c in configs])  # type: ignore[index]
+            for i, v in enumerate(audio_views)
+        ]
+
+        # 4. Denoise.
+        n = len(configs)
+        stopped = [False] * n
+        failures: dict[int, str] = {}
+        steps_done = [0] * n
+        calls = {"image": 0, "audio": 0}
+        samples = {"image": 0, "audio": 0}
+        max_steps = max(len(p.timesteps) for p in plans)
+        for step in tqdm(range(max_steps), desc="denoising", disable=not progress, leave=False):
+            active = [
+                c for c in range(n) if not stopped[c] and c not in failures and step < len(plans[c].timesteps)
+            ]
+            if not active:
+                break
+            timesteps = torch.tensor([plans[c].timesteps[step] for c in active], dtype=torch.long)
+            z = latents[active]
+            image_scale, audio_scale = self.term_scales([plans[c].config for c in active], step)
+
+            # 4a. One UNet call per model for every active candidate x view x CFG branch.
+            eps = torch.zeros_like(z)
+            for kind, model, terms, cond, uncond, scale in (
+                ("image", self.models.image, image_terms, image_cond, image_uncond, image_scale),
+                ("audio", self.models.audio, audio_terms, audio_cond, audio_uncond, audio_scale),
+            ):
+                guidance = [getattr(plans[c].config, f"{kind}_guidance_scale") for c in active]
+                contribution, n_samples = self.predict_noise(
+                    model, terms, active, z, timesteps, cond, uncond, scale, guidance
+                )
+                if n_samples:
+                    eps += contribution
+                    calls[kind] += 1
+                    samples[kind] += n_samples
+
+            # 4b. Scheduler step per candidate (each has its own schedule and solver state).
+            pred_x0 = torch.empty_like(z)
+            for row, c in enumerate(active):
+                plan = plans[c]
+                t = plan.timesteps[step]
+                z_row = z[row : row + 1]
+                eps_row = eps[row : row + 1]
+                latents[c] = plan.scheduler.step(eps_row, t, z_row).prev_sample[0]
+                pred_x0[row] = self.predict_x0(plan.scheduler, z_row, eps_row, t)[0]
+                steps_done[c] = step + 1
+                if not torch.isfinite(latents[c]).all():
+                    failures[c] = f"non-finite latents at step {step} (timestep {t})"
+
+            # 4c. Let the caller preview and prune.
+            if callback is not None:
+                state = StepState(
+                    step,
+                    active,
+                    timesteps,
+                    latents[active].clone(),
+                    pred_x0,
+                    [len(plans[c].timesteps) for c in active],
+                )
+                for c in callback(state) or ():
+                    stopped[c] = True
+
+        # 5. Hand back the latents in float32 on the CPU.
+        return SamplerOutput(latents.cpu(), stopped, failures, calls, samples, steps_done)
+
+    # -- the named steps --------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_inputs(configs: Sequence[RenderConfig]) -> None:
+        if isinstance(configs, RenderConfig):
+            raise TypeError("JointSampler takes a sequence of RenderConfig, e.g. [config]")
+        check_shared_fields(configs)
+
+    def encode_prompts(
+        self, model: DiffusionModel, prompts: list[str], negative_prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> ``(P, L, D)`` conditional and ``(1, L, D)`` negative-prompt embeddings."""
+        tokenizer = model.tokenizer
+        tokens = tokenizer(
+            [*prompts, negative_prompt],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        lengths = [len(ids) for ids in tokenizer([*prompts, negative_prompt]).input_ids]
+        for text, length in zip([*prompts, negative_prompt], lengths, strict=True):
+            if length > tokenizer.model_max_length:
+                logger.warning(
+                    "prompt %r is %d tokens; the text encoder sees the first %d",
+                    text,
+                    length,
+                    tokenizer.model_max_length,
+                )
+        embeddings = model.text_encoder(tokens.input_ids.to(self.models.device))[0]
+        return embeddings[:-1], embeddings[-1:]
+
+    def prepare_latents(self, configs: Sequence[RenderConfig]) -> torch.Tensor:
+        """``(N, 4, h, w)`` float32 noise, each drawn on the CPU from its own seed (device-independent)."""
+        noise = [
+            torch.randn(config.latent_shape, generator=torch.Generator("cpu").manual_seed(config.seed))
+            for config in configs
+        ]
+        return torch.stack(noise).to(self.models.device)
+
+    def prepare_schedules(self, configs: Sequence[RenderConfig]) -> list[_Plan]:
+        plans = []
+        for config in configs:
+            scheduler = make_scheduler(
+                config.scheduler, self.models.scheduler_config, config.num_inference_steps
+            )
+            # Every scheduler used here starts from unit-variance noise (init_noise_sigma == 1).
+            assert float(scheduler.init_noise_sigma) == 1.0
+            plans.append(_Plan(config, scheduler, [int(t) for t in scheduler.timesteps]))
+        return plans
+
+    @staticmethod
+    def term_scales(configs: Sequence[RenderConfig], step: int) -> tuple[list[float], list[float]]:
+        """Per candidate, the weight of the image sum and of the audio sum at ``step`` (warm start rules)."""
+        image_scale, audio_scale = [], []
+        for config in configs:
+            image_on = step >= config.image_start_step and config.audio_weight < 1.0
+            audio_on = step >= config.audio_start_step and config.audio_weight > 0.0
+            if image_on and audio_on:
+                image_scale.append(1.0 - config.audio_weight)
+                audio_scale.append(config.audio_weight)
+            else:
+                image_scale.append(1.0 if image_on else 0.0)
+                audio_scale.append(1.0 if audio_on else 0.0)
+        return image_scale, audio_scale
+
+    def predict_noise(
+        self,
+        model: DiffusionModel,
+        terms: Sequence[_Term],
+        active: Sequence[int],
+        z: torch.Tensor,
+        timesteps: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        scale: Sequence[float],
+        guidance: Sequence[float],
+    ) -> tuple[torch.Tensor, int]:
+        """One model's weighted, guided, view-inverted noise estimate ``(n, 4, h, w)`` for the active rows.
+
+        Builds a single UNet batch ``[uncond entries; cond entries]`` over all (candidate, view) pairs with a
+        non-zero weight. Returns the estimate and the number of UNet samples evaluated (0: no call made).
+        """
+        device = z.device
+        groups = []  # (term, rows into z, per-row weight)
+        for term in terms:
+            rows = [r for r, c in enumerate(active) if scale[r] * term.weights[c] > 0]
+            if rows:
+                weights = [scale[r] * term.weights[active[r]] for r in rows]
+                groups.append((term, rows, weights))
+        if not groups:
+            return torch.zeros_like(z), 0
+
+        inputs = torch.cat([term.view.view(z[rows]) for term, rows, _ in groups])
+        step_t = torch.cat([timesteps[rows] for _, rows, _ in groups]).to(device)
+        text = torch.cat([cond[term.prompt_index].expand(len(rows), -1, -1) for term, rows, _ in groups])
+        batch = inputs.shape[0]
+        noise = self.run_unet(
+            model,
+            torch.cat([inputs, inputs]),
+            torch.cat([step_t, step_t]),
+            torch.cat([uncond.expand(batch, -1, -1), text]),
+        )
+        noise_uncond, noise_cond = noise.chunk(2)
+
+        out = torch.zeros_like(z)
+        offset = 0
+        for term, rows, weights in groups:
+            part = slice(offset, offset + len(rows))
+            offset += len(rows)
+            g = torch.tensor([guidance[r] for r in rows], device=device).view(-1, 1, 1, 1)
+            guided = noise_uncond[part] + g * (noise_cond[part] - noise_uncond[part])
+            w = torch.tensor(weights, device=device).view(-1, 1, 1, 1)
+            out.index_add_(0, torch.tensor(rows, device=device), w * term.view.inverse_view(guided))
+        return out, 2 * batch
+
+    def run_unet(
+        self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor
+    ) -> torch.Tensor:
+        """UNet over a batch in chunks of ``max_unet_batch``; on CUDA out of memory, halve and retry."""
+        dtype = model.unet.dtype
+        chunk = self.max_unet_batch or x.shape[0]
+        while True:
+            try:
+                outs = [
+                    model.unet(
+                        x[i : i + chunk].to(dtype),
+                        t[i : i + chunk],
+                        encoder_hidden_states=text[i : i + chunk].to(dtype),
+                    ).sample
+                    for i in range(0, x.shape[0], chunk)
+                ]
+                return torch.cat(outs).float()
+            except _OOM_ERRORS:
+                if chunk <= 2:
+                    raise
+                chunk = max(2, chunk // 2)
+                self.max_unet_batch = chunk
+                torch.cuda.empty_cache()
+                logger.warning("CUDA out of memory: UNet batches are now chunked to %d samples", chunk)
+
+    @staticmethod
+    def predict_x0(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """Predicted clean latent of an epsilon-prediction model: ``(z - sqrt(1 - a) eps) / sqrt(a)``."""
+        alpha = scheduler.alphas_cumprod[t].to(z.device, torch.float32)
+        return (z - (1 - alpha).sqrt() * eps) / alpha.sqrt()

@@ -1,0 +1,226 @@
+"""`sounding-anagrams render` end to end on the tiny models: files, determinism, re-render, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sounding_anagrams.cli import main
+from sounding_anagrams.sampler.audio import read_wav
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--models", "tiny", "--device", "cpu", "--steps", "2", "--image-start-step", "1", "--quiet"]
+
+
+def render(tmp_path: Path, name: str, *extra: str) -> Path:
+    out = tmp_path / name
+    assert main(["render", *FAST, *extra, "--out", str(out)]) == 0
+    return out
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_render_writes_every_file_a_user_needs(tmp_path: Path, capsys):
+    out = render(tmp_path, "rotate", "--config", str(REPO / "configs" / "rotate.yaml"))
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "audio0.wav",
+        "config.yaml",
+        "render.json",
+        "spectrogram.png",
+        "transition.gif",
+        "view0.png",
+        "view1.png",
+    ]
+    for view in ("view0.png", "view1.png"):
+        assert Image.open(out / view).size == (1024, 256)
+    assert Image.open(out / "spectrogram.png").size == (1024 - 32, 256)
+    gif = Image.open(out / "transition.gif")
+    assert gif.n_frames > 20
+    wave, rate = read_wav(out / "audio0.wav")
+    assert rate == 16000
+    assert len(wave) == (1024 - 32) * 160  # 10.24 s minus the 32-pixel crop = 9.92 s
+    assert np.abs(wave).max() > 0
+    meta = json.loads((out / "render.json").read_text())
+    assert meta["seed"] == 0 and meta["steps_done"] == 2 and meta["duration_s"] == [9.92]
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "audio0" in printed
+
+
+@pytest.mark.slow
+def test_same_config_twice_gives_identical_files_and_config_yaml_re_renders_them(tmp_path: Path):
+    first = render(
+        tmp_path,
+        "a",
+        "--seed",
+        "3",
+        "--views",
+        "identity",
+        "patch_permute",
+        "--image-prompts",
+        "trees",
+        "castles",
+    )
+    second = render(
+        tmp_path,
+        "b",
+        "--seed",
+        "3",
+        "--views",
+        "identity",
+        "patch_permute",
+        "--image-prompts",
+        "trees",
+        "castles",
+    )
+    assert folder_bytes(first) == folder_bytes(second)
+    again = tmp_path / "again"
+    assert main(["render", "--config", str(first / "config.yaml"), "--quiet", "--out", str(again)]) == 0
+    assert folder_bytes(again) == folder_bytes(first)
+    other = render(
+        tmp_path,
+        "c",
+        "--seed",
+        "4",
+        "--views",
+        "identity",
+        "patch_permute",
+        "--image-prompts",
+        "trees",
+        "castles",
+    )
+    assert (other / "view0.png").read_bytes() != (first / "view0.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_per_view_audio_prompts_give_one_wav_each_and_griffin_lim_needs_no_vocoder(tmp_path: Path):
+    out = render(
+        tmp_path,
+        "two-sounds",
+        "--config",
+        str(REPO / "configs" / "mirror-two-sounds.yaml"),
+        "--vocoder",
+        "griffin_lim",
+    )
+    first, rate = read_wav(out / "audio0.wav")
+    second, _ = read_wav(out / "audio1.wav")
+    assert rate == 16000 and len(first) == len(second) == 992 * 160
+    assert not np.array_equal(first, second)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("height", "width", "views"),
+    [(256, 256, ["identity", "rotate_cw"]), (512, 512, ["identity", "rotate_180"])],
+)
+def test_square_canvases_render(tmp_path: Path, height: int, width: int, views: list[str]):
+    out = render(
+        tmp_path,
+        f"{height}x{width}",
+        "--height",
+        str(height),
+        "--width",
+        str(width),
+        "--views",
+        *views,
+        "--crop-right",
+        "0",
+    )
+    assert Image.open(out / "view1.png").size == (width, height)
+    wave, _ = read_wav(out / "audio0.wav")
+    assert len(wave) == width * 160
+
+
+@pytest.mark.slow
+def test_several_seeds_render_in_one_batch(tmp_path: Path):
+    out = render(tmp_path, "seeds", "--num-seeds", "2", "--seed", "5")
+    assert sorted(p.name for p in out.iterdir()) == ["seed5", "seed6"]
+    single = render(tmp_path, "single", "--seed", "6")
+    # Batched and single renders of one seed agree up to float rounding (convolutions of other batch sizes
+    # sum in another order): at most one grey level on a few pixels.
+    batched = np.asarray(Image.open(out / "seed6" / "view1.png"), dtype=int)
+    alone = np.asarray(Image.open(single / "view1.png"), dtype=int)
+    assert np.abs(batched - alone).max() <= 1
+    assert (batched != alone).mean() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["--views", "identity", "rotat"], r"unknown view 'rotat'; did you mean 'rotate_[a-z0-9]+'\?"),
+        (["--image-prompts", "only one"], r"image_prompts=\['only one'\]: give one image prompt per view"),
+        (["--view-weights", "0.3", "0.3"], r"view_weights=\[0.3, 0.3\]"),
+        (["--audio-weight", "2"], r"audio_weight=2.0: must be in \[0, 1\]"),
+        (["--views", "identity", "rotate_cw"], r"tile_rotate_cw"),
+        (["--models", "/nowhere"], r"--models='/nowhere': must be 'tiny', 'default' or a folder"),
+        (["--config", "/nowhere.yaml"], r"--config='/nowhere.yaml': no such file"),
+        (["--audio-prompt", "a", "--audio-prompts", "b", "c"], r"not both"),
+        (["--num-seeds", "0"], r"--num-seeds=0: must be at least 1"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_no_traceback(argv, pattern, capsys):
+    assert main(["render", "--models", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("error: ")
+    import re
+
+    assert re.search(pattern, err), err
+
+
+def test_unknown_key_in_config_file_names_file_and_key(tmp_path: Path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text("views: [identity, flip]\nimage_prompts: [a, b]\naudio_wieght: 0.3\n")
+    assert main(["render", "--config", str(config)]) == 2
+    assert (
+        "typo.yaml: audio_wieght=0.3: unknown field 'audio_wieght'; did you mean 'audio_weight'?"
+        in capsys.readouterr().err
+    )
+
+
+def test_missing_weights_offline_exit_3_with_what_to_do(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    code = main(
+        [
+            "render",
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--image-start-step",
+            "0",
+            "--quiet",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "local diffusers pipeline folder" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_console_script_runs_in_a_fresh_process(tmp_path: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "sounding_anagrams.cli", "render", *FAST, "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "p" / "audio0.wav").exists()

@@ -1,0 +1,106 @@
+"""Model loading: the tiny preset goes through the same from_pretrained path as real weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from sounding_anagrams.errors import ConfigError, ModelLoadError
+from sounding_anagrams.sampler.models import (
+    ensure_tiny_models,
+    load_diffusion_model,
+    load_models,
+    resolve_dtype,
+    tiny_cache_dir,
+)
+
+
+def test_tiny_preset_is_saved_as_pipeline_folders_and_loaded_back(tiny_models):
+    folders = ensure_tiny_models()
+    for kind in ("image", "audio"):
+        names = sorted(p.name for p in folders[kind].iterdir())
+        expected = ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+        assert names == sorted(expected + (["vocoder"] if kind == "audio" else []))
+        assert (folders[kind] / "unet" / "config.json").exists()
+    assert sorted(p.name for p in (folders["audio"] / "vocoder").iterdir()) == ["config.json", "vocoder.pt"]
+    assert isinstance(tiny_models.image.unet, UNet2DConditionModel)
+    assert isinstance(tiny_models.audio.vae, AutoencoderKL)
+    assert isinstance(tiny_models.image.text_encoder, CLIPTextModel)
+    assert tiny_models.vocoder is not None
+    # Two different models (different seeds), as SD 1.5 and Auffusion are.
+    image_weight = next(tiny_models.image.unet.parameters())
+    audio_weight = next(tiny_models.audio.unet.parameters())
+    assert not torch.equal(image_weight, audio_weight)
+    assert tiny_models.scheduler_config["beta_schedule"] == "scaled_linear"
+
+
+def test_tiny_vae_downsamples_by_8_like_the_real_one(tiny_models):
+    pixels = torch.zeros(1, 3, 256, 1024)
+    with torch.no_grad():
+        latent = tiny_models.image.vae.encode(pixels).latent_dist.mean
+        decoded = tiny_models.image.vae.decode(latent).sample
+    assert latent.shape == (1, 4, 32, 128)
+    assert decoded.shape == (1, 3, 256, 1024)
+
+
+def test_tiny_tokenizer_pads_to_77_and_encodes_text(tiny_models):
+    tokenizer = tiny_models.image.tokenizer
+    ids = tokenizer(["a castle"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+    with torch.no_grad():
+        embedding = tiny_models.image.text_encoder(torch.tensor([ids]))[0]
+    assert embedding.shape == (1, 77, 32)
+
+
+def test_tiny_preset_is_built_once_and_reused():
+    folders = ensure_tiny_models()
+    stamp = (folders["image"] / "model_index.json").stat().st_mtime_ns
+    assert ensure_tiny_models() == folders
+    assert (folders["image"] / "model_index.json").stat().st_mtime_ns == stamp
+    assert folders["image"].parent == tiny_cache_dir()
+
+
+def test_a_partial_tiny_folder_is_rebuilt(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("SOUNDING_ANAGRAMS_CACHE", str(tmp_path))
+    broken = tiny_cache_dir() / "image"
+    broken.mkdir(parents=True)
+    (broken / "half-written").write_text("x")
+    folders = ensure_tiny_models()
+    assert not (folders["image"] / "half-written").exists()
+    assert (
+        json.loads((folders["image"] / "model_index.json").read_text())["_class_name"]
+        == "StableDiffusionPipeline"
+    )
+
+
+def test_missing_folder_or_part_gives_a_clear_error(tmp_path: Path):
+    with pytest.raises(
+        ModelLoadError, match=r"model folder .*nowhere.* does not exist; give a diffusers pipeline folder"
+    ):
+        load_diffusion_model(str(tmp_path / "nowhere"), device=torch.device("cpu"), dtype=torch.float32)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    import shutil
+
+    shutil.copytree(ensure_tiny_models()["image"] / "unet", partial / "unet")
+    with pytest.raises(ModelLoadError, match=r"could not load vae of"):
+        load_diffusion_model(str(partial), device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_hub_id_offline_without_cache_names_the_id(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError, match=r"could not load unet of 'someone/not-cached'"):
+        load_models("someone/not-cached", "tiny", device="cpu")
+
+
+def test_device_and_dtype_choices():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ConfigError, match=r"dtype='float16': float16 is not supported on the CPU"):
+        resolve_dtype("float16", torch.device("cpu"))

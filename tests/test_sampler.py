@@ -1,0 +1,207 @@
+"""The batched joint sampler against a plain reference loop, and its batching, pruning and determinism."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from sounding_anagrams.config import RenderConfig
+from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.sampler.pipeline import JointSampler
+from tests.reference_loop import reference_loop
+
+TINY = {"image_model": "tiny", "audio_model": "tiny", "device": "cpu", "dtype": "float32"}
+
+
+def tiny_config(**changes) -> RenderConfig:
+    base = {"num_inference_steps": 3, "image_start_step": 1, "seed": 7, **TINY}
+    return RenderConfig(**{**base, **changes})
+
+
+class UNetRecorder:
+    """Counts UNet calls and their batch sizes through forward hooks on the real modules."""
+
+    def __init__(self, models):
+        self.batches: dict[str, list[int]] = defaultdict(list)
+        self.handles = [
+            models.image.unet.register_forward_hook(
+                lambda m, args, out: self.batches["image"].append(len(args[0]))
+            ),
+            models.audio.unet.register_forward_hook(
+                lambda m, args, out: self.batches["audio"].append(len(args[0]))
+            ),
+        ]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_batched_equals_reference_with_different_knobs_per_candidate(tiny_models):
+    configs = [
+        tiny_config(seed=1),
+        tiny_config(
+            seed=2,
+            audio_weight=0.3,
+            view_weights=[0.25, 0.75],
+            image_guidance_scale=4.0,
+            audio_guidance_scale=6.0,
+            image_start_step=0,
+        ),
+        tiny_config(seed=3, num_inference_steps=2, image_start_step=0, audio_start_step=1),
+        tiny_config(seed=4, scheduler="dpmsolver++", num_inference_steps=4, image_start_step=2),
+    ]
+    output = JointSampler(tiny_models)(configs, progress=False)
+    for index, config in enumerate(configs):
+        expected = reference_loop(tiny_models, config)
+        torch.testing.assert_close(output.latents[index], expected, atol=2e-4, rtol=1e-4)
+    assert output.steps_done == [3, 3, 2, 4]
+    assert not any(output.stopped) and output.failures == {}
+
+
+def test_batched_equals_reference_with_an_audio_prompt_per_view(tiny_models):
+    configs = [
+        tiny_config(
+            views=["identity", "flip"],
+            image_prompts=["a castle", "a car"],
+            audio_prompts=["bird chirping", "bell ringing"],
+            seed=5,
+        ),
+        tiny_config(
+            views=["identity", "flip"],
+            image_prompts=["a castle", "a car"],
+            audio_prompts=["bird chirping", "bell ringing"],
+            audio_view_weights=[0.8, 0.2],
+            seed=6,
+        ),
+    ]
+    output = JointSampler(tiny_models)(configs, progress=False)
+    for index, config in enumerate(configs):
+        torch.testing.assert_close(
+            output.latents[index], reference_loop(tiny_models, config), atol=2e-4, rtol=1e-4
+        )
+
+
+def test_batched_equals_reference_for_hybrid_views(tiny_models):
+    config = tiny_config(views=["low_pass", "high_pass"], image_prompts=["a castle", "a car"])
+    output = JointSampler(tiny_models)([config], progress=False)
+    torch.testing.assert_close(output.latents[0], reference_loop(tiny_models, config), atol=2e-4, rtol=1e-4)
+
+
+def test_one_unet_call_per_model_per_step_for_all_candidates(tiny_models):
+    configs = [tiny_config(seed=s, image_start_step=0) for s in range(3)]
+    with UNetRecorder(tiny_models) as calls:
+        output = JointSampler(tiny_models)(configs, progress=False)
+    # 3 candidates x 2 views x 2 CFG branches for the image model, 3 x 1 x 2 for the audio model.
+    assert calls.batches["image"] == [12, 12, 12]
+    assert calls.batches["audio"] == [6, 6, 6]
+    assert output.unet_calls == {"image": 3, "audio": 3}
+    assert output.unet_samples == {"image": 36, "audio": 18}
+
+
+def test_no_unet_work_for_zero_weights_or_before_start_steps(tiny_models):
+    configs = [
+        tiny_config(seed=1, audio_weight=0.0, image_start_step=0),  # no audio term at all
+        tiny_config(seed=2, view_weights=[1.0, 0.0], image_start_step=2),  # view 1 never; image from step 2
+    ]
+    with UNetRecorder(tiny_models) as calls:
+        JointSampler(tiny_models)(configs, progress=False)
+    # Image: step 0, 1 only candidate 0 (2 views); step 2 adds candidate 1's single view.
+    assert calls.batches["image"] == [4, 4, 6]
+    # Audio: only candidate 1, every step.
+    assert calls.batches["audio"] == [2, 2, 2]
+
+
+def test_max_unet_batch_chunks_calls_with_the_same_result(tiny_models):
+    configs = [tiny_config(seed=s) for s in range(2)]
+    whole = JointSampler(tiny_models)(configs, progress=False)
+    with UNetRecorder(tiny_models) as calls:
+        chunked = JointSampler(tiny_models, max_unet_batch=4)(configs, progress=False)
+    assert max(calls.batches["image"]) == 4
+    torch.testing.assert_close(chunked.latents, whole.latents, atol=1e-5, rtol=1e-5)
+
+
+def test_same_config_and_seed_give_identical_latents(tiny_models):
+    config = tiny_config(seed=11)
+    first = JointSampler(tiny_models)([config], progress=False).latents
+    second = JointSampler(tiny_models)([config], progress=False).latents
+    assert torch.equal(first, second)
+    other = JointSampler(tiny_models)([tiny_config(seed=12)], progress=False).latents
+    assert not torch.allclose(first, other)
+
+
+def test_seeded_reference_slice(tiny_models):
+    """Pins the tiny pipeline end to end (models from fixed seeds, noise, schedule, combination)."""
+    output = JointSampler(tiny_models)([tiny_config(seed=0)], progress=False)
+    got = output.latents[0, :, 0, :3].flatten()
+    expected = torch.tensor(EXPECTED_SLICE)
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
+
+
+# Measured on torch 2.15 / diffusers 0.42, CPU fp32 (tiny models built from fixed seeds).
+EXPECTED_SLICE = [
+    -3.3855,
+    -4.3937,
+    -0.7833,
+    6.2648,
+    3.3959,
+    -1.1666,
+    0.4954,
+    -1.9339,
+    3.6513,
+    -4.6148,
+    -3.0051,
+    1.2617,
+]
+
+
+def test_callback_sees_x0_and_can_prune_candidates(tiny_models):
+    configs = [tiny_config(seed=s, num_inference_steps=4, image_start_step=0) for s in range(3)]
+    seen = []
+
+    def callback(state):
+        seen.append((state.step, list(state.candidates)))
+        assert state.pred_x0.shape == state.latents.shape == (len(state.candidates), 4, 32, 128)
+        assert torch.isfinite(state.pred_x0).all()
+        return [1] if state.step == 1 else None
+
+    with UNetRecorder(tiny_models) as calls:
+        output = JointSampler(tiny_models)(configs, callback=callback, progress=False)
+    assert seen == [(0, [0, 1, 2]), (1, [0, 1, 2]), (2, [0, 2]), (3, [0, 2])]
+    assert output.stopped == [False, True, False]
+    assert output.steps_done == [4, 2, 4]
+    assert calls.batches["image"] == [12, 12, 8, 8]  # the batch shrinks once candidate 1 is pruned
+
+
+def test_pred_x0_matches_the_ddim_prediction(tiny_models):
+    config = tiny_config(seed=3, num_inference_steps=2, image_start_step=0)
+    states = []
+    JointSampler(tiny_models)([config], callback=lambda s: states.append(s), progress=False)
+    # Self-consistency of DDIM with eta 0: z_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps.
+    scheduler = DDIMScheduler.from_config(tiny_models.scheduler_config)
+    scheduler.set_timesteps(2)
+    t0, t1 = (int(t) for t in scheduler.timesteps)
+    a0, a1 = scheduler.alphas_cumprod[t0], scheduler.alphas_cumprod[t1]
+    z0 = torch.randn(config.latent_shape, generator=torch.Generator().manual_seed(config.seed))[None]
+    x0 = states[0].pred_x0
+    eps = (z0 - a0.sqrt() * x0) / (1 - a0).sqrt()
+    torch.testing.assert_close(
+        states[0].latents, a1.sqrt() * x0 + (1 - a1).sqrt() * eps, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_candidates_must_share_prompts_views_and_canvas(tiny_models):
+    with pytest.raises(ConfigError, match=r"image_prompts=.*candidate 1 differs"):
+        JointSampler(tiny_models)([tiny_config(), tiny_config(image_prompts=["x", "y"])], progress=False)
+    with pytest.raises(TypeError, match="sequence of RenderConfig"):
+        JointSampler(tiny_models)(tiny_config(), progress=False)  # type: ignore[arg-type]
+    with pytest.raises(
+        ValueError, match=r"max_unet_batch must be at least 2 \(one CFG pair\), but got max_unet_batch=1"
+    ):
+        JointSampler(tiny_models, max_unet_batch=1)
