@@ -8,8 +8,13 @@ MODELS ?=
 CONFIG ?= configs/rotate.yaml
 OUT ?=
 PYTEST_ARGS ?=
+# `make search VIEW=rotate [MODELS=tiny] [TRIALS=N] [RUNS=DIR]` runs studies/$(VIEW).yaml.
+VIEW ?= rotate
+TRIALS ?=
+RUNS ?= runs
+PORT ?= 5000
 
-.PHONY: install test render bench lint clean
+.PHONY: install test render search ui leaderboard export bench lint clean
 
 install: $(STAMP)
 
@@ -25,8 +30,25 @@ test: install
 render: install
 	$(BIN)/sounding-anagrams render --config $(CONFIG) $(if $(MODELS),--models $(MODELS)) $(if $(OUT),--out $(OUT))
 
+search: install
+	$(BIN)/sounding-anagrams search studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(if $(TRIALS),--trials $(TRIALS))
+
+leaderboard: install
+	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS))
+
+export: install
+	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS))
+
+# The MLflow UI over the search's store, on loopback only.
+ui: install
+	@mkdir -p $(RUNS)
+	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store sqlite:///$(abspath $(RUNS))/mlflow.db; Ctrl-C stops it)"
+	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) \
+		--backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --default-artifact-root $(abspath $(RUNS))/mlartifacts
+
 bench: install
 	$(BIN)/python benchmarks/bench_sampler.py
+	$(BIN)/python benchmarks/bench_pruning.py
 
 lint: install
 	$(BIN)/ruff check sounding_anagrams tests benchmarks
@@ -34,4 +56,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache renders
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache renders runs

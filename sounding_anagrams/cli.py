@@ -7,6 +7,7 @@ Bad input ends with one line naming the field, the value and what is allowed, an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -86,7 +87,224 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=None, help="render folder (default renders/<views>-seed<seed>)"
     )
     render.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score render folders with CLIP (every view) and CLAP (every sound)",
+        description="Score render folders; writes scores.json next to each and prints a table with the mean, "
+        "its 95%% interval and the 90th/95th percentiles across folders.",
+    )
+    evaluate.add_argument(
+        "folders",
+        nargs="+",
+        type=Path,
+        help="render folders, or folders holding render folders (e.g. a --num-seeds output)",
+    )
+    evaluate.add_argument("--models", help="'tiny' for tiny offline judges (no weights needed)")
+    evaluate.add_argument(
+        "--clip-model",
+        default="ViT-B-16",
+        help="open_clip model name, hf-hub:ORG/NAME or a local folder (default ViT-B-16)",
+    )
+    evaluate.add_argument(
+        "--clip-pretrained", default="openai", help="open_clip pretrained tag (default openai)"
+    )
+    evaluate.add_argument(
+        "--clap-model", default="laion/clap-htsat-unfused", help="CLAP hub id or local folder"
+    )
+    evaluate.add_argument(
+        "--protocol",
+        default="windowed",
+        help="windowed (images-that-sound: 256x256 windows, stride 32) or whole",
+    )
+    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+    search = commands.add_parser(
+        "search",
+        help="tune the knobs of a study with Optuna; every candidate lands in MLflow",
+        description="Run a study file: Optuna proposes knobs, the batched sampler renders, CLIP/CLAP score, "
+        "MLflow keeps every candidate. Running the same command again resumes the study.",
+    )
+    search.add_argument("study", type=Path, help="a study file, e.g. studies/rotate.yaml")
+    search.add_argument(
+        "--models",
+        help="'tiny' (offline, CPU, small and fast), 'default', or a folder with image/ and audio/",
+    )
+    search.add_argument("--trials", type=int, help="total finished trials the study should reach")
+    search.add_argument("--minutes", type=float, help="stop asking for new trials after this long")
+    search.add_argument("--batch", type=int, help="candidates rendered per batched sampler call")
+    _add_runs_arguments(search)
+    search.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study's)")
+    search.add_argument(
+        "--max-unet-batch", type=int, default=None, help="chunk UNet batches to this many samples"
+    )
+    search.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    for name, text in (
+        ("leaderboard", "print the best candidates of a study"),
+        ("export", "write the best config (the Pareto set for several objectives)"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("study", help="a study name, or its study file (studies/rotate.yaml)")
+        command.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+        _add_runs_arguments(command)
+        if name == "leaderboard":
+            command.add_argument("--top", type=int, default=10)
+        else:
+            command.add_argument(
+                "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
+            )
     return parser
+
+
+def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=Path(os.environ.get("SOUNDING_ANAGRAMS_RUNS", "runs")),
+        help="folder of the stores and render folders (default runs/)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage URL (default sqlite:///<runs>/optuna.db; PostgreSQL for many machines)",
+    )
+
+
+def expand_render_folders(folders: Sequence[Path]) -> list[Path]:
+    """A folder without config.yaml but with render folders inside stands for those folders."""
+    expanded: list[Path] = []
+    for folder in folders:
+        inner = sorted(p.parent for p in folder.glob("*/config.yaml")) if folder.is_dir() else []
+        expanded.extend(inner if inner and not (folder / "config.yaml").exists() else [folder])
+    return expanded
+
+
+def study_name_of(study: str, models: str | None) -> str:
+    """A study file or name -> the Optuna study name (tiny searches are kept apart as <name>-tiny)."""
+    name = study
+    if study.endswith((".yaml", ".yml")) or Path(study).is_file():
+        from sounding_anagrams.search.study import load_study
+
+        name = load_study(study).name
+    return f"{name}-tiny" if models == "tiny" and not name.endswith("-tiny") else name
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from sounding_anagrams.search.study import load_study
+
+    tiny = args.models == "tiny"
+    study = load_study(args.study, tiny=tiny)
+    if args.models not in (None, "tiny"):
+        study = dataclasses.replace(study, render=study.render.replace(**models_overrides(args.models)))
+    if args.device:
+        study = dataclasses.replace(study, render=study.render.replace(device=args.device))
+    for flag, value, low in (
+        ("--trials", args.trials, 1),
+        ("--batch", args.batch, 1),
+        ("--max-unet-batch", args.max_unet_batch, 2),
+    ):
+        if value is not None and value < low:
+            raise ConfigError(flag, value, f"must be at least {low}")
+    if args.minutes is not None and args.minutes <= 0:
+        raise ConfigError("--minutes", args.minutes, "must be positive")
+
+    from sounding_anagrams.evaluation.evaluate import Scorers
+    from sounding_anagrams.sampler.models import load_models
+    from sounding_anagrams.search.loop import SearchRunner, SearchSettings
+    from sounding_anagrams.search.report import leaderboard_text
+
+    quiet_libraries()
+    render_config = study.render
+    models = load_models(
+        render_config.image_model,
+        render_config.audio_model,
+        device=render_config.device,
+        dtype=render_config.dtype,
+        with_vocoder=render_config.vocoder == "hifigan",
+    )
+    scorers = Scorers.load(models="tiny" if tiny else None, device=str(models.device))
+    settings = SearchSettings(
+        runs_dir=args.runs,
+        storage=args.storage,
+        trials=args.trials,
+        minutes=args.minutes,
+        batch=args.batch,
+        progress=not args.quiet,
+        max_unet_batch=args.max_unet_batch,
+    )
+    runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished trials are kept in {runner.storage}; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    states = [o.state.name for o in summary.outcomes]
+    print(
+        f"\n{len(states)} trial(s) this run: "
+        + ", ".join(f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+    )
+    print(leaderboard_text(runner.optuna_study, top=5))
+    print(
+        f"\nOptuna storage: {summary.storage}"
+        f"\nMLflow: {runner.tracker.tracking_uri} (make ui RUNS={args.runs})"
+        f"\nexport the best: sounding-anagrams export {args.study}{' --models tiny' if tiny else ''}"
+        f" --runs {args.runs}"
+    )
+    return 0
+
+
+def _open_study(args: argparse.Namespace) -> Any:
+    from sounding_anagrams.search.loop import SearchSettings, storage_url
+    from sounding_anagrams.search.report import load_study_from_storage
+
+    storage = storage_url(SearchSettings(runs_dir=args.runs, storage=args.storage))
+    if args.storage is None and not (args.runs / "optuna.db").exists():
+        raise ConfigError(
+            "--runs", str(args.runs), "holds no optuna.db: run a search first or pass --runs/--storage"
+        )
+    return load_study_from_storage(study_name_of(args.study, args.models), storage)
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    from sounding_anagrams.search.report import leaderboard_text
+
+    print(leaderboard_text(_open_study(args), top=args.top))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from sounding_anagrams.search.report import export_best
+
+    written = export_best(_open_study(args), args.out or args.runs / "exports")
+    for path in written:
+        print(f"{path}    (sounding-anagrams render --config {path})")
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from sounding_anagrams.evaluation.evaluate import Scorers, evaluate_folders, format_table
+
+    quiet_libraries()
+    scorers = Scorers.load(
+        models=args.models,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+        clap_model=args.clap_model,
+        protocol=args.protocol,
+        device=args.device,
+    )
+    results = evaluate_folders(expand_render_folders(args.folders), scorers)
+    print(format_table(results))
+    failed = [r for r in results if r.error]
+    for result in failed:
+        print(f"error: {result.error}", file=sys.stderr)
+    if failed and len(failed) == len(results):
+        return 2
+    return 1 if failed else 0
 
 
 def models_overrides(models: str | None) -> dict[str, str]:
@@ -163,7 +381,9 @@ def run_render(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     started = time.perf_counter()
-    results = render(configs, models, folders, progress=not args.quiet, max_unet_batch=args.max_unet_batch)
+    results = render(
+        configs, models, folders, progress=not args.quiet, max_unet_batch=args.max_unet_batch
+    ).results
     print(f"rendered {len(results)} candidate(s) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     failed = 0
     for result in results:
@@ -185,6 +405,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "render":
             return run_render(args)
+        if args.command == "evaluate":
+            return run_evaluate(args)
+        if args.command == "search":
+            return run_search(args)
+        if args.command == "leaderboard":
+            return run_leaderboard(args)
+        if args.command == "export":
+            return run_export(args)
         raise AssertionError(f"unhandled command {args.command}")
     except SoundingAnagramsError as error:
         print(f"error: {error}", file=sys.stderr)

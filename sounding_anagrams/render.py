@@ -55,6 +55,16 @@ class RenderResult:
     files: dict[str, Path] = field(default_factory=dict)
     failure: str | None = None
     stopped: bool = False
+    decoded: Decoded | None = None
+
+
+@dataclass
+class RenderBatch:
+    """The candidates of one batched sampler run, and the UNet work it took (samples per model)."""
+
+    results: list[RenderResult]
+    unet_calls: dict[str, int]
+    unet_samples: dict[str, int]
 
 
 @torch.no_grad()
@@ -102,7 +112,9 @@ def transition_frames(
 
 
 @torch.no_grad()
-def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBundle) -> Decoded:
+def decode_candidate(
+    latent: torch.Tensor, config: RenderConfig, models: ModelBundle, *, with_transition: bool = True
+) -> Decoded:
     """Decode one ``(4, h, w)`` latent into pictures per view, the heard canvas, sounds and the animation."""
     views = config.parsed_views()
     pixels = decode_latents(models.image, latent[None])  # (1, 3, H, W) in [-1, 1]
@@ -116,7 +128,8 @@ def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBu
         spectrogram_to_wave(to_unit(view.view_pixels(canvas))[0].mean(dim=0)[:, :width], config, models)
         for view in config.parsed_audio_views()
     ]
-    return Decoded(pictures, spectrogram, waves, transition_frames(views, pixels, pictures))
+    transition = transition_frames(views, pixels, pictures) if with_transition else []
+    return Decoded(pictures, spectrogram, waves, transition)
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
@@ -180,7 +193,7 @@ def render(
     callback: StepCallback | None = None,
     progress: bool = True,
     max_unet_batch: int | None = None,
-) -> list[RenderResult]:
+) -> RenderBatch:
     """Sample a batch of candidates in one batched run, then decode and write each to its folder.
 
     A candidate that fails (non-finite latents, a decoding error) gets ``failure`` set and no files; the
@@ -206,9 +219,10 @@ def render(
                     "torch": torch.__version__,
                 }
                 result.files = write_render_folder(result.folder, config, decoded, metadata)
+                result.decoded = decoded
             except (RuntimeError, ValueError) as error:
                 result.failure = f"decoding failed: {error}"
         if result.failure:
             logger.warning("candidate %d (seed %d) failed: %s", index, config.seed, result.failure)
         results.append(result)
-    return results
+    return RenderBatch(results, output.unet_calls, output.unet_samples)

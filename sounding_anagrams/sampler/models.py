@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,21 +199,34 @@ def tiny_cache_dir() -> Path:
     return Path(root) / f"tiny-v{TINY_VERSION}"
 
 
-def ensure_tiny_models() -> dict[str, Path]:
-    """Build the tiny image and audio pipelines once (atomically, under a file lock); their folders."""
-    root = tiny_cache_dir()
-    folders = {kind: root / kind for kind in _TINY_SEEDS}
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / ".lock")):
-        for kind, folder in folders.items():
-            if (folder / "model_index.json").exists():
-                continue
-            staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
-            build_tiny_pipeline(staging, seed=_TINY_SEEDS[kind], with_vocoder=kind == "audio")
+def ensure_built(folder: Path, build: Callable[[Path], None], *, marker: str) -> Path:
+    """Build ``folder`` once with ``build(staging)``; ``marker``, a file ``build`` writes last, marks it done.
+
+    Built in a staging folder and renamed into place under a file lock, so concurrent processes (test workers,
+    search workers) neither race nor see a half-written folder; a half-written one is rebuilt.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.parent / f".{folder.name}.lock")):
+        if not (folder / marker).exists():
+            staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+            build(staging)
             if folder.exists():
                 shutil.rmtree(folder)
             staging.rename(folder)
-    return folders
+    return folder
+
+
+def ensure_tiny_models() -> dict[str, Path]:
+    """The tiny image and audio pipeline folders, built on first use."""
+    root = tiny_cache_dir()
+    return {
+        kind: ensure_built(
+            root / kind,
+            partial(build_tiny_pipeline, seed=seed, with_vocoder=kind == "audio"),
+            marker="model_index.json",
+        )
+        for kind, seed in _TINY_SEEDS.items()
+    }
 
 
 def tiny_unet() -> UNet2DConditionModel:

@@ -1,0 +1,203 @@
+"""Score candidates in memory (for the search) or render folders on disk (``sounding-anagrams evaluate``).
+
+Models load once per process (``Scorers.load``); the pictures and sounds of many candidates are scored in
+batches, on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sounding_anagrams.config import RenderConfig
+from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
+from sounding_anagrams.evaluation.clap import DEFAULT_CLAP_MODEL, AudioTextScorer, ClapScorer
+from sounding_anagrams.evaluation.clip import (
+    DEFAULT_CLIP_MODEL,
+    DEFAULT_CLIP_PRETRAINED,
+    PROTOCOLS,
+    ClipScorer,
+    ImageTextScorer,
+)
+from sounding_anagrams.evaluation.metrics import summarize
+from sounding_anagrams.sampler.audio import read_wav
+
+SAMPLE_RATE = 16_000
+SCORES_FILE = "scores.json"
+
+
+class RenderFolderError(SoundingAnagramsError):
+    """A render folder cannot be scored (missing file, wrong sample rate, bad config); others still are."""
+
+
+@dataclass
+class Candidate:
+    """What one candidate shows and sounds like: ``pictures[i]`` is view i ``(3, H, W)`` in [0, 1]."""
+
+    pictures: list[torch.Tensor]
+    waves: list[np.ndarray]
+    image_prompts: tuple[str, ...]
+    audio_prompts: tuple[str, ...]
+
+
+@dataclass
+class Scorers:
+    """The CLIP and CLAP judges, loaded once."""
+
+    clip: ImageTextScorer
+    clap: AudioTextScorer
+    protocol: str = "windowed"
+    clip_name: str = f"{DEFAULT_CLIP_MODEL}/{DEFAULT_CLIP_PRETRAINED}"
+    clap_name: str = DEFAULT_CLAP_MODEL
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        models: str | None = None,
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        clip_pretrained: str | None = DEFAULT_CLIP_PRETRAINED,
+        clap_model: str = DEFAULT_CLAP_MODEL,
+        protocol: str = "windowed",
+        device: str = "auto",
+    ) -> Scorers:
+        """``models='tiny'`` gives tiny offline judges; otherwise the named CLIP and CLAP checkpoints."""
+        if protocol not in PROTOCOLS:
+            from sounding_anagrams.errors import unknown_name_message
+
+            raise ConfigError("protocol", protocol, unknown_name_message("protocol", protocol, PROTOCOLS))
+        if models == "tiny":
+            clip_model, clip_pretrained, clap_model = "tiny", None, "tiny"
+        elif models not in (None, "default"):
+            raise ConfigError(
+                "--models",
+                models,
+                "must be 'tiny' or 'default' (pick real judges with --clip-model / --clap-model)",
+            )
+        clip = ClipScorer(clip_model, clip_pretrained, device=device)
+        clap = ClapScorer(clap_model, device=device)
+        clip_name = clip_model if clip_pretrained is None else f"{clip_model}/{clip_pretrained}"
+        return cls(clip, clap, protocol, clip_name, clap_model)
+
+    def score(self, candidates: Sequence[Candidate]) -> list[dict[str, float]]:
+        """One score record per candidate; candidates sharing prompts are scored in one batch."""
+        records: list[dict[str, float]] = [{} for _ in candidates]
+        by_image: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        by_audio: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for index, candidate in enumerate(candidates):
+            by_image[candidate.image_prompts].append(index)
+            by_audio[candidate.audio_prompts].append(index)
+        for prompts, members in by_image.items():
+            scored = self.clip.score_batch([candidates[i].pictures for i in members], prompts, self.protocol)
+            for index, record in zip(members, scored, strict=True):
+                records[index].update(record)
+        for prompts, members in by_audio.items():
+            scored_audio = self.clap.score_batch([candidates[i].waves for i in members], prompts, SAMPLE_RATE)
+            for index, record in zip(members, scored_audio, strict=True):
+                records[index].update(record)
+        return records
+
+    def describe(self) -> dict[str, str]:
+        return {"clip": self.clip_name, "clap": self.clap_name, "protocol": self.protocol}
+
+
+def load_render_folder(folder: Path) -> Candidate:
+    """Read ``config.yaml``, ``view{i}.png`` and ``audio{a}.wav`` of a render folder, checking each."""
+    config_path = folder / "config.yaml"
+    if not folder.is_dir():
+        raise RenderFolderError(f"{folder}: not a folder")
+    if not config_path.exists():
+        raise RenderFolderError(f"{folder}: no config.yaml (is this a render folder written by `render`?)")
+    try:
+        config = RenderConfig.from_yaml(config_path)
+    except ConfigError as error:
+        raise RenderFolderError(f"{folder}: {error}") from None
+    pictures = []
+    for index in range(len(config.views)):
+        path = folder / f"view{index}.png"
+        if not path.exists():
+            raise RenderFolderError(
+                f"{folder}: missing view{index}.png ({len(config.views)} views in config.yaml)"
+            )
+        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
+        pictures.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+    waves = []
+    for index in range(len(config.audio_prompts)):
+        path = folder / f"audio{index}.wav"
+        if not path.exists():
+            raise RenderFolderError(
+                f"{folder}: missing audio{index}.wav "
+                f"({len(config.audio_prompts)} audio prompts in config.yaml)"
+            )
+        try:
+            wave, rate = read_wav(path)
+        except ConfigError as error:
+            raise RenderFolderError(f"{folder}: audio{index}.wav: {error}") from None
+        if rate != SAMPLE_RATE:
+            raise RenderFolderError(f"{folder}: audio{index}.wav is {rate} Hz; renders are {SAMPLE_RATE} Hz")
+        waves.append(wave)
+    return Candidate(pictures, waves, config.image_prompts, config.audio_prompts)
+
+
+@dataclass
+class FolderResult:
+    folder: Path
+    scores: dict[str, float] | None
+    error: str | None = None
+
+
+def evaluate_folders(folders: Sequence[Path], scorers: Scorers) -> list[FolderResult]:
+    """Score every readable folder (writing ``scores.json`` next to it); unreadable ones carry their error."""
+    results: list[FolderResult] = []
+    loaded: list[tuple[int, Candidate]] = []
+    for folder in folders:
+        try:
+            loaded.append((len(results), load_render_folder(Path(folder))))
+            results.append(FolderResult(Path(folder), None))
+        except RenderFolderError as error:
+            results.append(FolderResult(Path(folder), None, str(error)))
+    records = scorers.score([candidate for _, candidate in loaded])
+    for (index, _), record in zip(loaded, records, strict=True):
+        result = results[index]
+        result.scores = record
+        payload: dict[str, Any] = {"scores": record, "judges": scorers.describe()}
+        (result.folder / SCORES_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def format_table(results: Sequence[FolderResult]) -> str:
+    """Per folder its scores, then across folders mean ± 95% interval and the 90th/95th percentiles."""
+    scored = [r for r in results if r.scores is not None]
+    metrics: list[str] = []
+    for result in scored:
+        for name in result.scores or {}:
+            if name not in metrics:
+                metrics.append(name)
+    width = max([len(str(r.folder)) for r in results] + [12])
+    lines = [f"{'folder':<{width}}  " + "  ".join(f"{m:>16}" for m in metrics)]
+    for result in results:
+        if result.scores is None:
+            lines.append(f"{result.folder!s:<{width}}  ERROR: {result.error}")
+            continue
+        cells = [result.scores.get(m, math.nan) for m in metrics]
+        lines.append(f"{result.folder!s:<{width}}  " + "  ".join(f"{v:>16.4f}" for v in cells))
+    if scored:
+        stats = {m: summarize([r.scores.get(m, math.nan) for r in scored if r.scores]) for m in metrics}
+        lines.append("")
+        for label, cell in (
+            ("mean ± 95% CI", lambda s: f"{s['mean']:.4f}±{s['ci95']:.4f}"),
+            ("p90 (best-of-N)", lambda s: f"{s['p90']:.4f}"),
+            ("p95 (best-of-N)", lambda s: f"{s['p95']:.4f}"),
+        ):
+            lines.append(f"{label:<{width}}  " + "  ".join(f"{cell(stats[m]):>16}" for m in metrics))
+        lines.append(f"{'n':<{width}}  " + "  ".join(f"{stats[m]['n']:>16}" for m in metrics))
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""What a user reads off a study: the leaderboard, the exported best config(s), and the study's pictures
+(optimisation history or Pareto front, parameter importances, a contact sheet of the best candidates)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from PIL import Image, ImageDraw
+
+from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, unknown_name_message
+from sounding_anagrams.search.study import StudyConfig
+from sounding_anagrams.search.tracking import objective_metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ranked:
+    rank: int
+    trial: FrozenTrial
+    pareto: bool
+
+
+def load_study_from_storage(name: str, storage: str) -> optuna.Study:
+    """An existing study by name; a missing one is an error listing the studies there are."""
+    try:
+        summaries = optuna.get_all_study_summaries(storage)
+    except Exception as error:
+        raise ConfigError("--storage", storage, f"cannot open this Optuna storage: {error}") from None
+    names = [s.study_name for s in summaries]
+    if name not in names:
+        raise ConfigError(
+            "study",
+            name,
+            unknown_name_message("study", name, names)
+            if names
+            else "no study in this storage: run `sounding-anagrams search` first, or give --runs/--storage",
+        )
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def ranked_trials(study: optuna.Study) -> list[Ranked]:
+    """Completed trials, best first: by the objective, or for several objectives the Pareto set first."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return []
+    if len(study.directions) == 1:
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        ordered = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+        return [Ranked(i + 1, t, i == 0) for i, t in enumerate(ordered)]
+    pareto = {t.number for t in study.best_trials}
+    signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions]
+    ordered = sorted(
+        complete,
+        key=lambda t: (
+            t.number not in pareto,
+            sum(s * v for s, v in zip(signs, t.values, strict=True)),
+            t.number,
+        ),
+    )
+    return [Ranked(i + 1, t, t.number in pareto) for i, t in enumerate(ordered)]
+
+
+def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
+    ranked = ranked_trials(study)[:top]
+    objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
+    counts = {
+        state.name: len(study.get_trials(deepcopy=False, states=(state,)))
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
+    }
+    lines = [f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())]
+    if not ranked:
+        lines.append("no completed trial yet")
+        return "\n".join(lines)
+    params = sorted({name for r in ranked for name in r.trial.params})
+    header = ["rank", "trial", *objectives, *params, "render folder"]
+    rows = []
+    for r in ranked:
+        values = [f"{v:.4f}" for v in r.trial.values]
+        settings = [_fmt(r.trial.params.get(name)) for name in params]
+        mark = "*" if r.pareto and len(study.directions) > 1 else ""
+        rows.append(
+            [
+                f"{r.rank}{mark}",
+                str(r.trial.number),
+                *values,
+                *settings,
+                str(r.trial.user_attrs.get("render_folder", "-")),
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    if len(study.directions) > 1:
+        lines.append("* on the Pareto front")
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def export_best(study: optuna.Study, out: Path) -> list[Path]:
+    """Write the best trial's config (single objective) or the Pareto set's configs (several) under ``out``.
+
+    Each file is the trial's own ``config.yaml`` (which ``render --config`` reproduces), with a header comment
+    naming the study, the trial and its objective values.
+    """
+    ranked = [r for r in ranked_trials(study) if r.pareto]
+    if not ranked:
+        raise SoundingAnagramsError(f"study {study.study_name} has no completed trial to export yet")
+    objectives = study.user_attrs.get("objectives") or []
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for r in ranked:
+        folder = Path(str(r.trial.user_attrs.get("render_folder", "")))
+        source = folder / "config.yaml"
+        if not source.exists():
+            raise SoundingAnagramsError(
+                f"trial {r.trial.number}: its render folder {folder} has no config.yaml (moved or deleted?)"
+            )
+        values = ", ".join(
+            f"{name} = {value:.4f}" for name, value in zip(objectives, r.trial.values, strict=False)
+        )
+        header = (
+            f"# study {study.study_name}, trial {r.trial.number}: {values}\n"
+            f"# re-render: sounding-anagrams render --config <this file>\n"
+        )
+        target = out / f"{study.study_name}-trial-{r.trial.number:04d}.yaml"
+        target.write_text(header + source.read_text(encoding="utf-8"), encoding="utf-8")
+        written.append(target)
+    return written
+
+
+def study_pictures(
+    study: optuna.Study, config: StudyConfig, folder: Path
+) -> tuple[list[Path], dict[str, float]]:
+    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = [o.spec for o in config.objectives]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
+        plots: list[tuple[str, Any]] = []
+        if len(names) == 1:
+            plots.append(
+                ("history.png", lambda: optuna_plots.plot_optimization_history(study, target_name=names[0]))
+            )
+        elif complete:
+            plots.append(("pareto.png", lambda: optuna_plots.plot_pareto_front(study, target_names=names)))
+        if len(complete) >= 2:
+            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
+            plots.append(
+                (
+                    "importances.png",
+                    lambda: optuna_plots.plot_param_importances(
+                        study,
+                        evaluator=evaluator,
+                        target=(lambda t: t.values[0]) if len(names) > 1 else None,
+                        target_name=names[0],
+                    ),
+                )
+            )
+        for filename, draw in plots:
+            try:
+                axes = draw()
+                figure = axes.figure if hasattr(axes, "figure") else axes.flatten()[0].figure
+                figure.set_size_inches(8, 5)
+                figure.tight_layout()
+                figure.savefig(folder / filename, dpi=100)
+                plt.close(figure)
+                files.append(folder / filename)
+            except (ValueError, RuntimeError, ZeroDivisionError) as error:
+                logger.info("skipped %s: %s", filename, error)
+    sheet = contact_sheet(study, folder / "best.png")
+    if sheet is not None:
+        files.append(sheet)
+    metrics: dict[str, float] = {"trials_complete": float(len(complete))}
+    ranked = ranked_trials(study)
+    if ranked:
+        best = ranked[0].trial
+        metrics["best/trial"] = float(best.number)
+        metrics.update({f"best/{key}": value for key, value in objective_metrics(best.values).items()})
+    return files, metrics
+
+
+def contact_sheet(study: optuna.Study, path: Path, top: int = 6, width: int = 512) -> Path | None:
+    """Rows of the best candidates: their view pictures and spectrogram side by side, labelled."""
+    rows = []
+    for r in ranked_trials(study)[:top]:
+        folder = Path(str(r.trial.user_attrs.get("render_folder", "")))
+        pictures = [*sorted(folder.glob("view*.png")), folder / "spectrogram.png"]
+        images = [Image.open(p).convert("RGB") for p in pictures if p.exists()]
+        if not images:
+            continue
+        scale = width / max(image.width for image in images)
+        images = [
+            image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+            for image in images
+        ]
+        values = ", ".join(f"{v:.3f}" for v in r.trial.values)
+        rows.append((f"#{r.rank} trial {r.trial.number}: {values}", images))
+    if not rows:
+        return None
+    label_h, pad = 16, 6
+    row_heights = [label_h + max(i.height for i in images) for _, images in rows]
+    row_width = max(sum(i.width + pad for i in images) for _, images in rows)
+    sheet = Image.new("RGB", (row_width, sum(row_heights) + pad * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = 0
+    for (label, images), height in zip(rows, row_heights, strict=True):
+        draw.text((2, y + 2), label, fill="black")
+        x = 0
+        for image in images:
+            sheet.paste(image, (x, y + label_h))
+            x += image.width + pad
+        y += height + pad
+    sheet.save(path)
+    return path

@@ -1,0 +1,199 @@
+"""A thin MLflow layer: one experiment per study, a parent run per search invocation, a nested run per trial.
+
+Written against ``MlflowClient`` (no global "active run"), so several search processes can log to one store.
+Default store: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<runs>/mlartifacts``;
+``MLFLOW_TRACKING_URI`` overrides it. Telemetry is switched off.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from filelock import FileLock
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(runs_dir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The commit of the code that ran (``unknown`` outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def flatten_params(config: Mapping[str, Any]) -> dict[str, str]:
+    """The whole run config as MLflow params: lists become compact JSON."""
+    return {
+        key: json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+        for key, value in config.items()
+    }
+
+
+class Tracker:
+    """Logs one search invocation of one study."""
+
+    def __init__(self, runs_dir: Path, experiment: str, *, tracking_uri: str | None = None) -> None:
+        self.runs_dir = runs_dir
+        self.tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        # The first touch creates and migrates the store: one process at a time (two workers start together).
+        with FileLock(str(runs_dir / ".mlflow.lock")):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.experiment_id = self._experiment(experiment, runs_dir)
+        self.parent_run_id: str | None = None
+
+    def _experiment(self, experiment: str, runs_dir: Path) -> str:
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            artifacts = (runs_dir.resolve() / "mlartifacts" / experiment).as_uri()
+            return str(self.client.create_experiment(experiment, artifact_location=artifacts))
+        return str(found.experiment_id)
+
+    def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={**tags, "git_commit": git_commit(), "kind": "search"}
+        )
+        self.parent_run_id = run.info.run_id
+        self.client.log_batch(
+            self.parent_run_id, params=[Param(k, v) for k, v in flatten_params(params).items()]
+        )
+        return self.parent_run_id
+
+    def end_parent(self, status: str = "FINISHED") -> None:
+        if self.parent_run_id is not None:
+            self.client.set_terminated(self.parent_run_id, status=status)
+
+    def log_parent_artifacts(self, files: Sequence[Path], metrics: Mapping[str, float] | None = None) -> None:
+        assert self.parent_run_id is not None
+        for path in files:
+            self.client.log_artifact(self.parent_run_id, str(path), artifact_path="study")
+        if metrics:
+            self.client.log_batch(
+                self.parent_run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()]
+            )
+
+    def log_trial(
+        self,
+        *,
+        trial_number: int,
+        state: str,
+        study: str,
+        config: Mapping[str, Any] | None,
+        scores: Mapping[str, float],
+        objectives: Mapping[str, float],
+        previews: Sequence[tuple[int, Mapping[str, float]]] = (),
+        folder: Path | None = None,
+        reason: str | None = None,
+    ) -> str:
+        """One nested run: params (the whole config), scores and objectives, step metrics of the previews,
+        tags, and the render folder plus ``card.html`` as artifacts. Returns the run id."""
+        tags = {
+            PARENT_TAG: self.parent_run_id or "",
+            "trial": str(trial_number),
+            "state": state,
+            "study": study,
+            "git_commit": git_commit(),
+        }
+        if reason:
+            tags["fail_reason"] = reason[:4000]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=tags)
+        run_id = run.info.run_id
+        metrics = [Metric(name, float(value), 0, 0) for name, value in {**scores, **objectives}.items()]
+        for step, record in previews:
+            metrics += [Metric(f"preview/{name}", float(value), 0, step) for name, value in record.items()]
+        params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
+        self.client.log_batch(run_id, metrics=metrics, params=params)
+        if folder is not None and folder.is_dir():
+            card = folder / "card.html"
+            card.write_text(
+                trial_card_html(trial_number, study, state, config or {}, scores, objectives, folder),
+                encoding="utf-8",
+            )
+            self.client.log_artifacts(run_id, str(folder))
+        self.client.set_terminated(run_id, status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+        return run_id
+
+
+def objective_metrics(values: Sequence[float]) -> dict[str, float]:
+    """MLflow names of objective values: ``objective`` (or ``objective0``, ``objective1``, ...).
+
+    The expressions themselves are the parent run's ``objectives`` param: metric names allow no parentheses.
+    """
+    if len(values) == 1:
+        return {"objective": values[0]}
+    return {f"objective{i}": value for i, value in enumerate(values)}
+
+
+def _data_uri(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def trial_card_html(
+    trial_number: int,
+    study: str,
+    state: str,
+    config: Mapping[str, Any],
+    scores: Mapping[str, float],
+    objectives: Mapping[str, float],
+    folder: Path,
+) -> str:
+    """One self-contained page: view pictures, spectrogram, animation, audio players, scores, parameters."""
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{esc(study)} trial {trial_number}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}img{max-width:100%;"
+        "image-rendering:pixelated;border:1px solid #ccc}td,th{padding:2px 10px;text-align:left}"
+        "h2{margin-top:1.2em}.k{color:#555}</style></head><body>",
+        f"<h1>{esc(study)}: trial {trial_number} <small class='k'>({esc(state)})</small></h1>",
+    ]
+    prompts = list(config.get("image_prompts", []))
+    views = list(config.get("views", []))
+    for index in range(len(views)):
+        path = folder / f"view{index}.png"
+        if path.exists():
+            prompt = prompts[index] if index < len(prompts) else ""
+            parts.append(
+                f"<h2>view {index}: {esc(str(views[index]))}</h2><p class='k'>{esc(prompt)}</p>"
+                f"<img src='{_data_uri(path, 'image/png')}'>"
+            )
+    if (folder / "transition.gif").exists():
+        parts.append(f"<h2>transition</h2><img src='{_data_uri(folder / 'transition.gif', 'image/gif')}'>")
+    if (folder / "spectrogram.png").exists():
+        parts.append(f"<h2>spectrogram</h2><img src='{_data_uri(folder / 'spectrogram.png', 'image/png')}'>")
+    audio_prompts = list(config.get("audio_prompts", []))
+    for index, prompt in enumerate(audio_prompts):
+        path = folder / f"audio{index}.wav"
+        if path.exists():
+            parts.append(
+                f"<h2>sound {index}</h2><p class='k'>{esc(str(prompt))}</p>"
+                f"<audio controls src='{_data_uri(path, 'audio/wav')}'></audio>"
+            )
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in {**objectives, **scores}.items())
+    parts.append(f"<h2>scores</h2><table>{rows}</table>")
+    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
+    parts.append(f"<h2>config</h2><table>{rows}</table></body></html>")
+    return "\n".join(parts)

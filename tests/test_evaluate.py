@@ -1,0 +1,81 @@
+"""`sounding-anagrams evaluate` on real render folders with the tiny judges; broken folders do not stop it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sounding_anagrams.cli import main
+from sounding_anagrams.sampler.audio import read_wav, write_wav
+
+FAST = ["--models", "tiny", "--device", "cpu", "--steps", "2", "--image-start-step", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def renders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("renders")
+    assert main(["render", *FAST, "--num-seeds", "3", "--out", str(root / "batch")]) == 0
+    return root / "batch"
+
+
+@pytest.mark.slow
+def test_evaluate_scores_folders_writes_scores_json_and_summarises(renders: Path, tmp_path: Path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(renders / "seed0", broken)
+    (broken / "audio0.wav").unlink()
+    resampled = tmp_path / "resampled"
+    shutil.copytree(renders / "seed1", resampled)
+    wave, _ = read_wav(resampled / "audio0.wav")
+    write_wav(resampled / "audio0.wav", wave, 22050)
+
+    code = main(
+        ["evaluate", "--models", "tiny", "--device", "cpu", str(renders), str(broken), str(resampled)]
+    )
+    captured = capsys.readouterr()
+    assert code == 1  # some folders could not be scored; the others were
+    assert "missing audio0.wav (1 audio prompts in config.yaml)" in captured.err
+    assert "audio0.wav is 22050 Hz; renders are 16000 Hz" in captured.err
+    for seed in (0, 1, 2):
+        scores = json.loads((renders / f"seed{seed}" / "scores.json").read_text())
+        assert set(scores["scores"]) == {
+            "clip/view0",
+            "clip/view1",
+            "clip/alignment",
+            "clip/concealment",
+            "clap/audio0",
+        }
+        assert all(np.isfinite(v) for v in scores["scores"].values())
+        assert scores["judges"] == {"clip": "tiny", "clap": "tiny", "protocol": "windowed"}
+    assert not (broken / "scores.json").exists()
+    for label in ("mean ± 95% CI", "p90 (best-of-N)", "p95 (best-of-N)"):
+        assert label in captured.out
+    assert "ERROR" in captured.out
+
+
+@pytest.mark.slow
+def test_evaluate_gives_the_same_scores_twice_and_whole_protocol_differs(renders: Path, capsys):
+    assert main(["evaluate", "--models", "tiny", "--device", "cpu", str(renders / "seed2")]) == 0
+    first = (renders / "seed2" / "scores.json").read_text()
+    assert main(["evaluate", "--models", "tiny", "--device", "cpu", str(renders / "seed2")]) == 0
+    assert (renders / "seed2" / "scores.json").read_text() == first
+    assert (
+        main(
+            ["evaluate", "--models", "tiny", "--device", "cpu", "--protocol", "whole", str(renders / "seed2")]
+        )
+        == 0
+    )
+    whole = json.loads((renders / "seed2" / "scores.json").read_text())
+    assert whole["judges"]["protocol"] == "whole"
+    assert whole["scores"]["clip/view0"] != json.loads(first)["scores"]["clip/view0"]
+    capsys.readouterr()
+
+
+def test_evaluate_bad_input(tmp_path: Path, capsys):
+    assert main(["evaluate", "--models", "tiny", "--protocol", "windowd", str(tmp_path)]) == 2
+    assert "unknown protocol 'windowd'; did you mean 'windowed'?" in capsys.readouterr().err
+    assert main(["evaluate", "--models", "tiny", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
