@@ -307,9 +307,26 @@ def build_tiny_clip(folder: Path) -> None:
         model = open_clip.CLIP(**json.loads(json.dumps(TINY_CLIP_CONFIG)))
     with torch.no_grad():
         model.logit_scale.fill_(math.log(100))
+        _add_shared_direction(model, strength=0.2)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHT_FILES[0]))
     config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": TINY_CLIP_PREPROCESS}
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _add_shared_direction(model: open_clip.CLIP, strength: float) -> None:
+    """Give image and text embeddings a common component, as trained CLIP towers have.
+
+    Random towers give image/text cosines scattered round 0, which the windowed protocol clamps to 0: every
+    candidate would score 0 and a tiny search could rank nothing. With the final layer norms' bias at 0.5
+    every feature has a constant sum, which a rank-1 term of the projections maps onto one shared axis;
+    cosines then sit round 0.05-0.2 (real CLIP: 0.2-0.35) and still move with the picture and the prompt.
+    """
+    axis = torch.zeros(model.visual.proj.shape[1])
+    axis[0] = strength
+    model.visual.ln_post.bias.fill_(0.5)
+    model.ln_final.bias.fill_(0.5)
+    model.visual.proj.add_(torch.ones(model.visual.proj.shape[0], 1) * axis)
+    model.text_projection.add_(torch.ones(model.text_projection.shape[0], 1) * axis)
 
 
 def ensure_tiny_clip() -> Path:

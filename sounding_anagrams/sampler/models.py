@@ -31,7 +31,7 @@ from sounding_anagrams.sampler.vocoder import HiFiGANConfig, HiFiGANGenerator, l
 logger = logging.getLogger(__name__)
 
 # Bump when the tiny components change so that stale caches are rebuilt, not reused.
-TINY_VERSION = 1
+TINY_VERSION = 2
 _TINY_SEEDS = {"image": 1234, "audio": 5678}
 # SD 1.5's noise schedule (its scheduler/scheduler_config.json), used by the tiny preset.
 SD15_SCHEDULE: dict[str, Any] = {

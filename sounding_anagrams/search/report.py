@@ -213,7 +213,7 @@ def contact_sheet(study: optuna.Study, path: Path, top: int = 6, width: int = 51
             image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
             for image in images
         ]
-        values = ", ".join(f"{v:.3f}" for v in r.trial.values)
+        values = ", ".join(f"{v:.4f}" for v in r.trial.values)
         rows.append((f"#{r.rank} trial {r.trial.number}: {values}", images))
     if not rows:
         return None
