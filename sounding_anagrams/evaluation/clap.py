@@ -395,16 +395,10 @@ def _roberta_byte_vocab() -> dict[str, int]:
     Bytes are spelled with GPT-2's byte-to-unicode table (printable bytes as themselves, the others shifted to
     256+), which is what byte-level BPE expects; with no merges every byte stays its own token.
     """
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    chars, shifted = [], 0
-    for byte in range(256):
-        if byte in printable:
-            chars.append(chr(byte))
-        else:
-            chars.append(chr(256 + shifted))
-            shifted += 1
+    from sounding_anagrams.sampler.models import byte_level_chars
+
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({char: 4 + index for index, char in enumerate(chars)})
+    vocab.update({char: 4 + index for index, char in enumerate(byte_level_chars())})
     vocab["<mask>"] = len(vocab)
     return vocab
 

@@ -259,8 +259,8 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def _byte_level_vocab() -> dict[str, int]:
-    """A CLIP-style byte-level vocabulary without merges: each byte is a token (and its end-of-word form)."""
+def byte_level_chars() -> list[str]:
+    """The 256 characters byte-level BPE spells bytes with: printable ones as themselves, others from 256."""
     printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
     chars, shifted = [], 0
     for byte in range(256):
@@ -269,6 +269,12 @@ def _byte_level_vocab() -> dict[str, int]:
         else:
             chars.append(chr(256 + shifted))
             shifted += 1
+    return chars
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """A CLIP-style byte-level vocabulary without merges: each byte is a token (and its end-of-word form)."""
+    chars = byte_level_chars()
     vocab = {char: index for index, char in enumerate(chars)}
     vocab.update({char + "</w>": 256 + index for index, char in enumerate(chars)})
     vocab["<|startoftext|>"] = len(vocab)

@@ -1039,17 +1039,21 @@ def _check_sigma(name: str, params: dict[str, ParamValue], *keys: str) -> None:
             )
 
 
-@register_view
-class LowPassView(_HybridView):
-    """The coarse part: gaussian low-pass, ``sigma`` in latent cells (8x that in pixels)."""
-
-    name = "low_pass"
+class _OneSigmaHybrid(_HybridView):
+    """A hybrid part split off at one gaussian ``sigma`` (latent cells)."""
 
     def __init__(self, *, sigma: float = 2.0) -> None:
         sigma = float(sigma)
         _check_sigma(self.name, {"sigma": sigma}, "sigma")
         super().__init__(sigma=sigma)
         self.sigma = sigma
+
+
+@register_view
+class LowPassView(_OneSigmaHybrid):
+    """The coarse part: gaussian low-pass, ``sigma`` in latent cells (8x that in pixels)."""
+
+    name = "low_pass"
 
     @property
     def band(self) -> tuple[float, float]:
@@ -1061,16 +1065,10 @@ class LowPassView(_HybridView):
 
 
 @register_view
-class HighPassView(_HybridView):
+class HighPassView(_OneSigmaHybrid):
     """The fine part: ``x - low_pass(x)`` with the same ``sigma``; shown centred on mid gray."""
 
     name = "high_pass"
-
-    def __init__(self, *, sigma: float = 2.0) -> None:
-        sigma = float(sigma)
-        _check_sigma(self.name, {"sigma": sigma}, "sigma")
-        super().__init__(sigma=sigma)
-        self.sigma = sigma
 
     @property
     def band(self) -> tuple[float, float]:
