@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -68,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", type=Path, help="a YAML file of RenderConfig fields; flags override it")
     render.add_argument(
         "--models",
-        help="'tiny' (small random offline models), 'default' (the hub ids), or a folder holding image/ and "
-        "audio/ pipeline folders",
+        help="'tiny' (small random offline models), 'default' (the hub ids), a folder holding image/ and "
+        "audio/ pipeline folders, or a hub id / folder for the image model",
     )
     for flag, (dest, kwargs) in _RENDER_FLAGS.items():
         render.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
@@ -234,6 +236,8 @@ def run_search(args: argparse.Namespace) -> int:
         max_unet_batch=args.max_unet_batch,
     )
     runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
+    # A plain `kill` (SIGTERM) is handled like Ctrl-C: in-flight trials are told FAIL, the MLflow run closed.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         summary = runner.run()
     except KeyboardInterrupt:
@@ -255,6 +259,10 @@ def run_search(args: argparse.Namespace) -> int:
         f" --runs {args.runs}"
     )
     return 0
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _open_study(args: argparse.Namespace) -> Any:
@@ -318,11 +326,14 @@ def models_overrides(models: str | None) -> dict[str, str]:
     folder = Path(models)
     if folder.is_dir() and (folder / "image").is_dir() and (folder / "audio").is_dir():
         return {"image_model": str(folder / "image"), "audio_model": str(folder / "audio")}
+    # Another hub id ("owner/name") or pipeline folder is the image model; --audio-model sets the audio one.
+    if folder.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", models):
+        return {"image_model": models}
     raise ConfigError(
         "--models",
         models,
-        "must be 'tiny', 'default' or a folder holding image/ and audio/ pipeline folders; "
-        "give hub ids or single folders with --image-model / --audio-model",
+        "must be 'tiny', 'default', a folder holding image/ and audio/ pipeline folders, or a hub id or "
+        "pipeline folder for the image model (the audio model then comes from --audio-model)",
     )
 
 
@@ -360,6 +371,8 @@ def run_render(args: argparse.Namespace) -> int:
     configs = [config.replace(seed=config.seed + k) for k in range(args.num_seeds)]
     out = args.out or Path("renders") / f"{'-'.join(v.split('(')[0] for v in config.views)}-seed{config.seed}"
     folders = [out] if len(configs) == 1 else [out / f"seed{c.seed}" for c in configs]
+    if out.exists() and not out.is_dir():
+        raise ConfigError("--out", str(out), "is a file; give a folder for the render")
 
     # Imported here so that `--help` and input errors answer at once, before diffusers loads.
     from sounding_anagrams.render import render
@@ -420,6 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a folder that cannot be written, a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

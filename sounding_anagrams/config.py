@@ -284,10 +284,20 @@ class RenderConfig:
     def replace(self, **changes: Any) -> RenderConfig:
         """A copy with some fields changed, validated again.
 
-        When views change and the weights were the old views' defaults, the new defaults apply.
+        When the views change, their weights go back to the new views' defaults (and the audio view weights
+        too, as when the number of audio prompts changes); other changes keep the weights given.
         """
-        if "views" in changes or "audio_prompts" in changes:
+        views_changed = (
+            "views" in changes
+            and not isinstance(changes["views"], str)
+            and tuple(parse_view(str(spec)).spec for spec in changes["views"]) != self.views
+        )
+        audio_count_changed = "audio_prompts" in changes and len(changes["audio_prompts"]) != len(
+            self.audio_prompts
+        )
+        if views_changed:
             changes.setdefault("view_weights", None)
+        if views_changed or audio_count_changed:
             changes.setdefault("audio_view_weights", None)
         return dataclasses.replace(self, **changes)
 

@@ -47,6 +47,16 @@ class Decoded:
     waves: list[np.ndarray]  # one per audio prompt, float32 in [-1, 1]
     transition: list[torch.Tensor]  # frames (3, H', W') in [0, 1]
 
+    def non_finite(self) -> str | None:
+        """What came out NaN or infinite (the VAE can overflow on a finite latent), else None."""
+        if not all(bool(torch.isfinite(p).all()) for p in self.pictures):
+            return "pictures"
+        if not bool(torch.isfinite(self.spectrogram).all()):
+            return "spectrogram"
+        if not all(bool(np.isfinite(w).all()) for w in self.waves):
+            return "sound"
+        return None
+
 
 @dataclass
 class RenderResult:
@@ -211,6 +221,9 @@ def render(
         if result.failure is None and not result.stopped:
             try:
                 decoded = decode_candidate(output.latents[index], config, models)
+                broken = decoded.non_finite()
+                if broken is not None:
+                    raise ValueError(f"the decoded {broken} are not finite")
                 metadata = {
                     "seed": config.seed,
                     "device": str(models.device),
@@ -222,6 +235,8 @@ def render(
                 result.decoded = decoded
             except (RuntimeError, ValueError) as error:
                 result.failure = f"decoding failed: {error}"
+            except OSError as error:
+                result.failure = f"writing {result.folder} failed: {error}"
         if result.failure:
             logger.warning("candidate %d (seed %d) failed: %s", index, config.seed, result.failure)
         results.append(result)

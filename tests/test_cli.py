@@ -162,10 +162,11 @@ def test_several_seeds_render_in_one_batch(tmp_path: Path):
         (["--view-weights", "0.3", "0.3"], r"view_weights=\[0.3, 0.3\]"),
         (["--audio-weight", "2"], r"audio_weight=2.0: must be in \[0, 1\]"),
         (["--views", "identity", "rotate_cw"], r"tile_rotate_cw"),
-        (["--models", "/nowhere"], r"--models='/nowhere': must be 'tiny', 'default' or a folder"),
+        (["--models", "/nowhere"], r"--models='/nowhere': must be 'tiny', 'default', a folder"),
         (["--config", "/nowhere.yaml"], r"--config='/nowhere.yaml': no such file"),
         (["--audio-prompt", "a", "--audio-prompts", "b", "c"], r"not both"),
         (["--num-seeds", "0"], r"--num-seeds=0: must be at least 1"),
+        (["--out", __file__], r"--out=.*test_cli.py': is a file; give a folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_no_traceback(argv, pattern, capsys):

@@ -130,6 +130,15 @@ def test_replace_revalidates_and_resets_default_weights_for_new_views():
         config.replace(audio_weight=2.0)
 
 
+def test_replace_keeps_tuned_weights_unless_what_they_weigh_changes():
+    tuned = RenderConfig(view_weights=[0.3, 0.7])
+    assert tuned.replace(audio_prompts=["bell ringing"]).view_weights == (0.3, 0.7)
+    assert tuned.replace(views=["identity", "tile_rotate_cw"], seed=3).view_weights == (0.3, 0.7)
+    assert tuned.replace(views=["identity", "flip"]).view_weights == (0.5, 0.5)
+    two = tuned.replace(audio_prompts=["a", "b"])
+    assert two.audio_view_weights == (0.5, 0.5) and two.view_weights == (0.3, 0.7)
+
+
 def test_batch_must_share_fields():
     check_shared_fields([RenderConfig(seed=1), RenderConfig(seed=2, audio_weight=0.2)])
     with pytest.raises(ConfigError, match=r"height=512: candidate 1 differs"):

@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from sounding_anagrams.cli import main
+from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings
@@ -131,12 +132,13 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(tiny_models, design
     pruned_run = next(r for r in runs if r.data.tags["state"] == "PRUNED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'pruned' / 'mlflow.db'}")
     history = client.get_metric_history(pruned_run.info.run_id, "preview/clip/view0")
-    assert [m.step for m in history] == [3]
+    assert [m.step for m in history] == [50]  # previews are reported at the percent of the schedule
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("with_previews", [False, True])
 def test_a_nan_candidate_fails_with_its_reason_and_the_others_complete(
-    tiny_models, designed_scorers, tmp_path: Path, monkeypatch
+    tiny_models, designed_scorers, tmp_path: Path, monkeypatch, with_previews
 ):
     original = JointSampler.prepare_latents
 
@@ -146,7 +148,12 @@ def test_a_nan_candidate_fails_with_its_reason_and_the_others_complete(
         return latents
 
     monkeypatch.setattr(JointSampler, "prepare_latents", poisoned)
-    runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    study = (
+        {**STUDY, "previews": [0.5], "pruner": {"type": "median", "n_startup_trials": 1}}
+        if with_previews
+        else STUDY
+    )
+    runner = runner_for(study, tiny_models, designed_scorers, tmp_path)
     runner.run()
     trials = runner.optuna_study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
@@ -155,6 +162,45 @@ def test_a_nan_candidate_fails_with_its_reason_and_the_others_complete(
     _, runs = mlflow_trial_runs(tmp_path, "unit")
     assert sum(r.data.tags["state"] == "FAIL" for r in runs) == 2
     assert all("non-finite" in r.data.tags["fail_reason"] for r in runs if r.data.tags["state"] == "FAIL")
+
+
+@pytest.mark.slow
+def test_pictures_that_decode_to_nan_fail_the_candidate_not_the_study(
+    tiny_models, designed_scorers, tmp_path: Path, monkeypatch
+):
+    import sounding_anagrams.render as render_module
+
+    original = render_module.decode_latents
+
+    def overflowing_audio_vae(model, latents):
+        pixels = original(model, latents)
+        return pixels * float("nan") if model is tiny_models.audio else pixels
+
+    monkeypatch.setattr(render_module, "decode_latents", overflowing_audio_vae)
+    runner = runner_for({**STUDY, "budget": {"trials": 2}}, tiny_models, designed_scorers, tmp_path)
+    runner.run()
+    trials = runner.optuna_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("the decoded spectrogram are not finite" in t.user_attrs["fail_reason"] for t in trials)
+
+
+@pytest.mark.slow
+def test_resuming_proposes_new_candidates_and_refuses_changed_objectives(
+    tiny_models, designed_scorers, tmp_path: Path
+):
+    runner_for({**STUDY, "budget": {"trials": 2}}, tiny_models, designed_scorers, tmp_path).run()
+    resumed = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    resumed.run()
+    trials = resumed.optuna_study.get_trials()
+    assert len(trials) == 4
+    first, second = [t.params for t in trials[:2]], [t.params for t in trials[2:]]
+    assert all(params not in first for params in second)  # a fresh sampler stream, not a replay
+    with pytest.raises(
+        ConfigError, match=r"objectives=.*was created with 1 objective\(s\) of other directions"
+    ):
+        runner_for(
+            {**STUDY, "objectives": ["clip/view0", "clap/audio0"]}, tiny_models, designed_scorers, tmp_path
+        )
 
 
 @pytest.mark.slow
@@ -190,6 +236,9 @@ def test_export_then_render_reproduces_the_best_candidate(
     runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
     runner.run()
     best = runner.optuna_study.best_trial
+    assert main(["leaderboard", "unit", "--runs", str(tmp_path)]) == 0
+    board = capsys.readouterr().out
+    assert "clip/alignment" in board and "clap/audio0" in board and f"trial-{best.number:04d}" in board
     assert main(["export", "unit", "--runs", str(tmp_path), "--out", str(tmp_path / "exports")]) == 0
     exported = tmp_path / "exports" / f"unit-trial-{best.number:04d}.yaml"
     assert str(exported) in capsys.readouterr().out
@@ -233,7 +282,10 @@ def _search_command(runs: Path, trials: int) -> list[str]:
 
 
 def _finished(runs: Path, name: str = "rotate-tiny") -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / 'optuna.db'}")
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{runs / 'optuna.db'}")
+    except KeyError:  # the database file exists but the study row is not written yet
+        return []
     return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
 
 
@@ -269,6 +321,31 @@ def test_killed_search_keeps_finished_trials_and_the_rerun_continues(tmp_path: P
     after = {t.number: t.values for t in _finished(tmp_path)}
     assert all(after[number] == values for number, values in kept.items())
     assert len(after) == len(kept) + 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_in_flight_trials_keeps_finished_ones_and_exits_130(tmp_path: Path):
+    process = subprocess.Popen(
+        _search_command(tmp_path, 8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ((tmp_path / "optuna.db").exists() and _finished(tmp_path)):
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted: finished trials are kept" in err and "run the same command to resume" in err
+    study = optuna.load_study(study_name="rotate-tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.RUNNING not in states
+    assert TrialState.COMPLETE in states
+    for trial in study.get_trials(states=(TrialState.FAIL,)):
+        assert trial.user_attrs["fail_reason"] == "interrupted"
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 from filelock import FileLock
 from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
@@ -36,6 +38,7 @@ from sounding_anagrams.search.tracking import Tracker, objective_metrics
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+INTERRUPTED = "interrupted"
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
 
@@ -75,7 +78,7 @@ def storage_url(settings: SearchSettings) -> str:
     return settings.storage or f"sqlite:///{settings.runs_dir.resolve() / 'optuna.db'}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage (sqlite for one machine, PostgreSQL for many) with heartbeats for killed workers."""
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     try:
@@ -89,15 +92,16 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise ConfigError("--storage", url, f"cannot open this Optuna storage: {error}") from None
 
 
-def make_sampler(study: StudyConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(study: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = study.seed if seed is None else seed
     if study.sampler == "tpe":
         # constant_liar keeps the K trials of one batch (and other workers' running trials) apart.
-        return optuna.samplers.TPESampler(seed=study.seed, constant_liar=True, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
     if study.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=study.seed)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=study.seed)
-    return AskTellGridSampler({p.name: p.grid() for p in study.space}, seed=study.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+    return AskTellGridSampler({p.name: p.grid() for p in study.space}, seed=seed)
 
 
 class AskTellGridSampler(optuna.samplers.GridSampler):
@@ -146,10 +150,15 @@ def suggest(trial: Trial, param: ParamSpec) -> Any:
     return trial.suggest_float(param.name, param.low, param.high, step=param.step, log=param.log)
 
 
-def preview_steps(config: RenderConfig, fractions: Sequence[float]) -> set[int]:
-    """Steps (1-based: after that many steps) at which a candidate's x0 preview is scored; never the last."""
+def preview_steps(config: RenderConfig, fractions: Sequence[float]) -> dict[int, int]:
+    """Step (1-based: after that many steps) -> percent of the schedule, where the x0 preview is scored.
+
+    Previews are reported to Optuna (and MLflow) at the percent, not the step, so a pruner compares candidates
+    at the same stage even when the number of steps is one of the searched knobs. Never the last step.
+    """
     n = config.num_inference_steps
-    return {step for step in (max(1, round(f * n)) for f in fractions) if step < n}
+    steps = {max(1, round(f * n)): round(100 * f) for f in fractions}
+    return {step: percent for step, percent in steps.items() if step < n}
 
 
 class SearchRunner:
@@ -171,15 +180,36 @@ class SearchRunner:
         self.study_name = study_name or study.name
         self.storage = storage_url(settings)
         settings.runs_dir.mkdir(parents=True, exist_ok=True)
-        # Creating the tables and the study is done by one process at a time (workers start together).
+        self.rdb = open_storage(self.storage)
+        # Creating the tables and the study is done by one process at a time (workers start together). The
+        # process that creates the study samples from the study's seed; a resumed run or a second worker
+        # gets its own stream, else it would propose the very same candidates again.
         with FileLock(str(settings.runs_dir / ".optuna.lock")):
+            existing = [s.study_name for s in optuna.get_all_study_summaries(self.rdb)]
+            seed = (
+                study.seed
+                if self.study_name not in existing
+                else (hash((study.seed, time.time_ns(), os.getpid())) % 2**31)
+            )
             self.optuna_study = optuna.create_study(
                 study_name=self.study_name,
-                storage=open_storage(self.storage),
+                storage=self.rdb,
                 load_if_exists=True,
                 directions=study.directions,
-                sampler=make_sampler(study),
+                sampler=make_sampler(study, seed),
                 pruner=make_pruner(study),
+            )
+        if list(self.optuna_study.directions) != [
+            optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+            for d in study.directions
+        ]:
+            raise ConfigError(
+                "objectives",
+                [o.spec for o in study.objectives],
+                f"study {self.study_name!r} in {self.storage} was created with "
+                f"{len(self.optuna_study.directions)} objective(s) of other directions; give the study a new "
+                "name or use another --runs folder",
+                source=study.source,
             )
         self.optuna_study.set_user_attr("study_file", study.source)
         self.optuna_study.set_user_attr("runs_dir", str(settings.runs_dir.resolve()))
@@ -191,15 +221,16 @@ class SearchRunner:
     # -- budget ----------------------------------------------------------------------------------------
 
     def finished_count(self) -> int:
-        return len(self.optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        """Finished trials that count against the budget: a trial cut short by Ctrl-C is done again."""
+        return sum(
+            t.user_attrs.get("fail_reason") != INTERRUPTED
+            for t in self.optuna_study.get_trials(deepcopy=False, states=FINISHED)
+        )
 
     def target_trials(self) -> int | None:
         return self.settings.trials if self.settings.trials is not None else self.study.budget.trials
 
     def run(self) -> SearchSummary:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.optuna_study)  # trials of killed workers become FAIL
         minutes = self.settings.minutes if self.settings.minutes is not None else self.study.budget.minutes
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         target = self.target_trials()
@@ -230,6 +261,7 @@ class SearchRunner:
         status = "FINISHED"
         try:
             while time.monotonic() < deadline:
+                self.fail_stale_trials()
                 remaining = (target - self.finished_count()) if target is not None else batch
                 if remaining <= 0:
                     break
@@ -254,7 +286,8 @@ class SearchRunner:
         from sounding_anagrams.search.report import study_pictures
 
         try:
-            files, metrics = study_pictures(self.optuna_study, self.study, self.settings.runs_dir / "reports")
+            folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
+            files, metrics = study_pictures(self.optuna_study, self.study, folder)
             self.tracker.log_parent_artifacts(files, metrics)
         except Exception as error:  # pictures are a bonus; never lose the run over a plot
             logger.warning("could not draw the study pictures: %s", error)
@@ -267,7 +300,11 @@ class SearchRunner:
 
     def run_batch(self, k: int) -> list[TrialOutcome]:
         """Ask k trials, render the valid ones in one batched call, score, tell and log every one."""
-        trials = [self.optuna_study.ask() for _ in range(k)]
+        with warnings.catch_warnings():
+            # Optuna warns that heartbeats are meant for study.optimize; we send them ourselves.
+            warnings.simplefilter("ignore", UserWarning)
+            trials = [self.optuna_study.ask() for _ in range(k)]
+        self.heartbeat(trials, force=True)
         outcomes: dict[int, TrialOutcome] = {}
         configs: list[tuple[Trial, RenderConfig]] = []
         for trial in trials:
@@ -284,14 +321,21 @@ class SearchRunner:
             self.score_and_judge(results, configs, outcomes)
         except KeyboardInterrupt:
             for trial in trials:
-                if trial.number not in outcomes:
-                    outcomes[trial.number] = TrialOutcome(trial.number, TrialState.FAIL, reason="interrupted")
+                outcomes.setdefault(
+                    trial.number, TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED)
+                )
             self.tell_and_log(trials, outcomes, previews, configs)
             raise
-        except RuntimeError as error:  # out of memory and other failures of the whole batch
+        except (
+            Exception
+        ) as error:  # out of memory, a disk full, a judge refusing input: the batch fails, not the study
+            logger.exception("batch of trials %s failed", [t.number for t in trials])
             for trial, _ in configs:
                 outcomes.setdefault(
-                    trial.number, TrialOutcome(trial.number, TrialState.FAIL, reason=f"batch failed: {error}")
+                    trial.number,
+                    TrialOutcome(
+                        trial.number, TrialState.FAIL, reason=f"batch failed: {type(error).__name__}: {error}"
+                    ),
                 )
         self.tell_and_log(trials, outcomes, previews, configs)
         return [outcomes[t.number] for t in trials]
@@ -306,7 +350,11 @@ class SearchRunner:
 
         def on_step(state: StepState) -> list[int]:
             self.heartbeat([configs[c][0] for c in state.candidates])
-            due = [(row, c) for row, c in enumerate(state.candidates) if state.step + 1 in steps[c]]
+            due = [
+                (row, c)
+                for row, c in enumerate(state.candidates)
+                if state.step + 1 in steps[c] and bool(torch.isfinite(state.pred_x0[row]).all())
+            ]
             if not due:
                 return []
             decoded = [
@@ -322,10 +370,11 @@ class SearchRunner:
             stop = []
             for (_, c), record in zip(due, records, strict=True):
                 trial = configs[c][0]
-                previews[trial.number].append((state.step + 1, record))
+                percent = steps[c][state.step + 1]
+                previews[trial.number].append((percent, record))
                 value = self.study.objectives[0].value(record)
                 if single and math.isfinite(value):
-                    trial.report(value, state.step + 1)
+                    trial.report(value, percent)
                     if trial.should_prune():
                         stop.append(c)
             return stop
@@ -334,7 +383,7 @@ class SearchRunner:
             [config for _, config in configs],
             self.models,
             [self.render_folder(trial.number) for trial, _ in configs],
-            callback=on_step if self.study.previews else None,
+            callback=on_step,  # always: it also sends the heartbeats
             progress=self.settings.progress,
             max_unet_batch=self.settings.max_unet_batch,
         )
@@ -345,15 +394,20 @@ class SearchRunner:
     def candidate(config: RenderConfig, pictures: list[Any], waves: list[Any]) -> Candidate:
         return Candidate(pictures, waves, config.image_prompts, config.audio_prompts)
 
-    def heartbeat(self, trials: Sequence[Trial]) -> None:
+    def heartbeat(self, trials: Sequence[Trial], *, force: bool = False) -> None:
+        """Tell the storage these trials are alive (at most every HEARTBEAT_SECONDS unless ``force``)."""
         now = time.monotonic()
-        if now - self._last_heartbeat < HEARTBEAT_SECONDS:
+        if not force and now - self._last_heartbeat < HEARTBEAT_SECONDS:
             return
         self._last_heartbeat = now
-        storage = self.optuna_study._storage
-        if isinstance(storage, optuna.storages.RDBStorage):
-            for trial in trials:
-                storage.record_heartbeat(trial._trial_id)
+        for trial in trials:
+            self.rdb.record_heartbeat(trial._trial_id)
+
+    def fail_stale_trials(self) -> None:
+        """Trials whose worker stopped sending heartbeats (killed) become FAIL, so nothing stays RUNNING."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.optuna_study)
 
     def score_and_judge(
         self,
@@ -404,30 +458,41 @@ class SearchRunner:
         previews: Mapping[int, list[tuple[int, dict[str, float]]]],
         configs: Sequence[tuple[Trial, RenderConfig]],
     ) -> None:
+        """Tell Optuna every trial of the batch first (the storage is the record), then log them to MLflow."""
+        for trial in trials:
+            outcome = outcomes[trial.number]
+            if outcome.reason:
+                logger.warning("trial %d failed: %s", trial.number, outcome.reason)
+            try:
+                if outcome.folder is not None:
+                    trial.set_user_attr("render_folder", str(outcome.folder.resolve()))
+                if outcome.scores:
+                    trial.set_user_attr("scores", outcome.scores)
+                if outcome.reason:
+                    trial.set_user_attr("fail_reason", outcome.reason)
+                if outcome.state == TrialState.COMPLETE:
+                    self.optuna_study.tell(trial, outcome.values)
+                else:
+                    self.optuna_study.tell(trial, state=outcome.state)
+            except (RuntimeError, ValueError) as error:  # e.g. failed as stale meanwhile by another worker
+                logger.warning(
+                    "trial %d could not be told (%s); the storage keeps its state", trial.number, error
+                )
         by_number = {trial.number: config for trial, config in configs}
         for trial in trials:
             outcome = outcomes[trial.number]
-            if outcome.folder is not None:
-                trial.set_user_attr("render_folder", str(outcome.folder.resolve()))
-            if outcome.scores:
-                trial.set_user_attr("scores", outcome.scores)
-            if outcome.reason:
-                trial.set_user_attr("fail_reason", outcome.reason)
-                logger.warning("trial %d failed: %s", trial.number, outcome.reason)
-            if outcome.state == TrialState.COMPLETE:
-                self.optuna_study.tell(trial, outcome.values)
-            else:
-                self.optuna_study.tell(trial, state=outcome.state)
             config = by_number.get(trial.number)
-            objective_values = objective_metrics(outcome.values)
-            self.tracker.log_trial(
-                trial_number=trial.number,
-                state=outcome.state.name,
-                study=self.study_name,
-                config=config.to_dict() if config else trial.params,
-                scores=outcome.scores,
-                objectives=objective_values,
-                previews=previews.get(trial.number, []),
-                folder=outcome.folder,
-                reason=outcome.reason,
-            )
+            try:
+                self.tracker.log_trial(
+                    trial_number=trial.number,
+                    state=self.rdb.get_trial(trial._trial_id).state.name,
+                    study=self.study_name,
+                    config=config.to_dict() if config else trial.params,
+                    scores=outcome.scores,
+                    objectives=objective_metrics(outcome.values),
+                    previews=previews.get(trial.number, []),
+                    folder=outcome.folder,
+                    reason=outcome.reason,
+                )
+            except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
+                logger.warning("trial %d was not logged to MLflow: %s", trial.number, error)

@@ -20,6 +20,10 @@ from sounding_anagrams.search.tracking import objective_metrics
 logger = logging.getLogger(__name__)
 
 
+# Score columns of the leaderboard, first these (when present), then the others.
+SHOWN_SCORES = ("clip/alignment", "clip/concealment", "clap/audio0", "clap/alignment", "clap/concealment")
+
+
 @dataclass
 class Ranked:
     rank: int
@@ -79,10 +83,17 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
         lines.append("no completed trial yet")
         return "\n".join(lines)
     params = sorted({name for r in ranked for name in r.trial.params})
-    header = ["rank", "trial", *objectives, *params, "render folder"]
+    scores = [
+        name for name in SHOWN_SCORES if any(name in r.trial.user_attrs.get("scores", {}) for r in ranked)
+    ]
+    scores += sorted(
+        {n for r in ranked for n in r.trial.user_attrs.get("scores", {})} - set(scores) - set(objectives)
+    )
+    header = ["rank", "trial", *objectives, *scores, *params, "render folder"]
     rows = []
     for r in ranked:
         values = [f"{v:.4f}" for v in r.trial.values]
+        values += [_fmt(r.trial.user_attrs.get("scores", {}).get(name)) for name in scores]
         settings = [_fmt(r.trial.params.get(name)) for name in params]
         mark = "*" if r.pareto and len(study.directions) > 1 else ""
         rows.append(

@@ -60,7 +60,7 @@ _STUDY_KEYS = (
     "seed",
     "tiny",
 )
-_TINY_KEYS = ("render", "space", "batch", "budget", "previews")
+_TINY_KEYS = ("render", "space", "batch", "budget", "previews", "pruner")
 
 
 @dataclass(frozen=True)
