@@ -25,25 +25,14 @@ from optuna.trial import TrialState  # noqa: E402
 from sounding_anagrams.sampler.models import load_models  # noqa: E402
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
 from sounding_anagrams.search.study import parse_study  # noqa: E402
-from tests.designed_judges import designed_judges  # noqa: E402
+from tests.designed_judges import JUDGED_STUDY, designed_judges  # noqa: E402
 
 
 def study(trials: int, steps: int, pruned: bool) -> dict:
     return {
+        **JUDGED_STUDY,
         "name": "bench-pruning",
-        "render": {
-            "views": ["identity", "flip"],
-            "image_prompts": ["bright", "dark"],
-            "audio_prompts": ["loud"],
-            "num_inference_steps": steps,
-            "image_start_step": 0,
-        },
-        "space": {
-            "audio_weight": {"type": "float", "low": 0.2, "high": 0.8},
-            "image_guidance_scale": {"type": "float", "low": 1.0, "high": 12.0},
-            "seed": {"type": "int", "low": 0, "high": 9999},
-        },
-        "objectives": ["mean(clip/view0, clap/audio0)"],
+        "render": {**JUDGED_STUDY["render"], "num_inference_steps": steps},
         "pruner": {"type": "median", "n_startup_trials": 4} if pruned else "none",
         "previews": [0.3, 0.6] if pruned else [],
         "batch": 4,

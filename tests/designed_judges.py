@@ -43,3 +43,24 @@ def designed_judges() -> Scorers:
     return Scorers(
         BrightnessClip(), LoudnessClap(), protocol="whole", clip_name="brightness", clap_name="loudness"
     )
+
+
+# A small study those judges can rank: 'bright' / 'dark' pictures (identity, flip) and a 'loud' sound.
+JUDGED_STUDY = {
+    "name": "unit",
+    "render": {
+        "views": ["identity", "flip"],
+        "image_prompts": ["bright", "dark"],
+        "audio_prompts": ["loud"],
+        "num_inference_steps": 4,
+        "image_start_step": 0,
+    },
+    "space": {
+        "audio_weight": {"type": "float", "low": 0.2, "high": 0.8},
+        "image_guidance_scale": {"type": "float", "low": 1.0, "high": 12.0},
+        "seed": {"type": "int", "low": 0, "high": 9999},
+    },
+    "objectives": ["mean(clip/view0, clap/audio0)"],
+    "batch": 2,
+    "budget": {"trials": 4},
+}

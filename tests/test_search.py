@@ -22,28 +22,10 @@ from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings
 from sounding_anagrams.search.study import parse_study
+from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 
 REPO = Path(__file__).resolve().parents[1]
-
-STUDY = {
-    "name": "unit",
-    "render": {
-        "views": ["identity", "flip"],
-        "image_prompts": ["bright", "dark"],
-        "audio_prompts": ["loud"],
-        "num_inference_steps": 4,
-        "image_start_step": 0,
-    },
-    "space": {
-        "audio_weight": {"type": "float", "low": 0.2, "high": 0.8},
-        "image_guidance_scale": {"type": "float", "low": 1.0, "high": 12.0},
-        "seed": {"type": "int", "low": 0, "high": 9999},
-    },
-    "objectives": ["mean(clip/view0, clap/audio0)"],
-    "batch": 2,
-    "budget": {"trials": 4},
-}
 
 
 @pytest.fixture(scope="module")
