@@ -271,6 +271,17 @@ def _finished(runs: Path, name: str = "rotate-tiny") -> list[optuna.trial.Frozen
     return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
 
 
+def _wait_for_a_finished_trial(process: subprocess.Popen, runs: Path, timeout: float = 240) -> None:
+    """Poll the study until one trial has finished, while the search process is still running."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (runs / "optuna.db").exists() and _finished(runs):
+            return
+        assert process.poll() is None, "the search ended before it could be stopped"
+        time.sleep(0.5)
+    raise AssertionError(f"no trial finished within {timeout} s")
+
+
 @pytest.mark.slow
 def test_killed_search_keeps_finished_trials_and_the_rerun_continues(tmp_path: Path):
     process = subprocess.Popen(
@@ -279,13 +290,8 @@ def test_killed_search_keeps_finished_trials_and_the_rerun_continues(tmp_path: P
         stderr=subprocess.DEVNULL,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    deadline = time.monotonic() + 240
     try:
-        while time.monotonic() < deadline:
-            time.sleep(1)
-            if (tmp_path / "optuna.db").exists() and _finished(tmp_path):
-                break
-            assert process.poll() is None, "the search ended before it could be killed"
+        _wait_for_a_finished_trial(process, tmp_path)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -314,10 +320,7 @@ def test_ctrl_c_fails_in_flight_trials_keeps_finished_ones_and_exits_130(tmp_pat
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not ((tmp_path / "optuna.db").exists() and _finished(tmp_path)):
-        assert process.poll() is None, "the search ended before it could be interrupted"
-        time.sleep(0.5)
+    _wait_for_a_finished_trial(process, tmp_path)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from sounding_anagrams.config import RenderConfig
-from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
+from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, unknown_name_message
 from sounding_anagrams.evaluation.clap import DEFAULT_CLAP_MODEL, AudioTextScorer, ClapScorer
 from sounding_anagrams.evaluation.clip import (
     DEFAULT_CLIP_MODEL,
@@ -72,8 +72,6 @@ class Scorers:
     ) -> Scorers:
         """``models='tiny'`` gives tiny offline judges; otherwise the named CLIP and CLAP checkpoints."""
         if protocol not in PROTOCOLS:
-            from sounding_anagrams.errors import unknown_name_message
-
             raise ConfigError("protocol", protocol, unknown_name_message("protocol", protocol, PROTOCOLS))
         if models == "tiny":
             clip_model, clip_pretrained, clap_model = "tiny", None, "tiny"

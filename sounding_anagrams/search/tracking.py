@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ def default_tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
 
 
+@cache
 def git_commit() -> str:
     """The commit of the code that ran (``unknown`` outside a git checkout)."""
     try:
