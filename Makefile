@@ -49,6 +49,7 @@ ui: install
 bench: install
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_pruning.py
+	$(BIN)/python benchmarks/bench_search.py
 
 lint: install
 	$(BIN)/ruff check sounding_anagrams tests benchmarks

@@ -40,7 +40,10 @@ _RENDER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "--audio-weight": ("audio_weight", {"type": float, "help": "weight w_s of the audio model, in [0, 1]"}),
     "--image-guidance": ("image_guidance_scale", {"type": float}),
     "--audio-guidance": ("audio_guidance_scale", {"type": float}),
-    "--image-start-step": ("image_start_step", {"type": int, "help": "steps before this are audio only"}),
+    "--image-start-step": (
+        "image_start_step",
+        {"type": int, "help": "steps before this are audio only (default: 5%% of --steps)"},
+    ),
     "--audio-start-step": ("audio_start_step", {"type": int, "help": "steps before this are image only"}),
     "--steps": ("num_inference_steps", {"type": int}),
     "--scheduler": ("scheduler", {"help": "ddim (default) or dpmsolver++"}),
@@ -132,9 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         help="'tiny' (offline, CPU, small and fast), 'default', or a folder with image/ and audio/",
     )
-    search.add_argument("--trials", type=int, help="total finished trials the study should reach")
+    search.add_argument(
+        "--trials", type=int, help="total finished trials (knob sets, each on seeds_per_trial seeds) to reach"
+    )
     search.add_argument("--minutes", type=float, help="stop asking for new trials after this long")
-    search.add_argument("--batch", type=int, help="candidates rendered per batched sampler call")
+    search.add_argument(
+        "--batch",
+        type=int,
+        help="renders per batched sampler call: a multiple of the study's seeds_per_trial (whole trials)",
+    )
     _add_runs_arguments(search)
     search.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study's)")
     search.add_argument(
@@ -201,9 +210,12 @@ def run_search(args: argparse.Namespace) -> int:
         study = dataclasses.replace(study, render=study.render.replace(**models_overrides(args.models)))
     if args.device:
         study = dataclasses.replace(study, render=study.render.replace(device=args.device))
+    if args.batch is not None:
+        from sounding_anagrams.search.study import check_batch
+
+        check_batch(args.batch, study.seeds_per_trial, field="--batch")
     for flag, value, low in (
         ("--trials", args.trials, 1),
-        ("--batch", args.batch, 1),
         ("--max-unet-batch", args.max_unet_batch, 2),
     ):
         if value is not None and value < low:

@@ -33,7 +33,10 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 # Each field's expected kind, used to coerce YAML/CLI values and to reject wrong types by name.
-_STR, _INT, _FLOAT, _STRS, _FLOATS, _OPT_FLOATS = "str", "int", "float", "strs", "floats", "opt_floats"
+_STR, _INT, _OPT_INT, _FLOAT = "str", "int", "opt_int", "float"
+_STRS, _FLOATS, _OPT_FLOATS = "strs", "floats", "opt_floats"
+# The default warm start of the image model, in percent of the schedule (docs/METHOD.md §1).
+DEFAULT_IMAGE_START_PERCENT = 5
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,15 @@ class RenderConfig:
     audio_prompts: tuple[str, ...] = ("bird chirping",)
     image_negative_prompt: str = ""
     audio_negative_prompt: str = ""
-    # The knobs of the method (DESIGN.md section 1). None means the method's default for these views.
+    # The knobs of the method (docs/METHOD.md §1). None means the method's default for these views.
     view_weights: tuple[float, ...] | None = None
     audio_view_weights: tuple[float, ...] | None = None
     audio_weight: float = 0.5
     image_guidance_scale: float = 10.0
     audio_guidance_scale: float = 10.0
-    image_start_step: int = 5
+    # Warm start: a term is on from its start step. None: the image model starts at 5% of the schedule (the
+    # seed's 5 of 100 steps), or at 0 when the audio model starts late, so no default fights valid input.
+    image_start_step: int | None = None
     audio_start_step: int = 0
     num_inference_steps: int = 100
     scheduler: str = "ddim"
@@ -100,7 +105,7 @@ class RenderConfig:
         "audio_weight": _FLOAT,
         "image_guidance_scale": _FLOAT,
         "audio_guidance_scale": _FLOAT,
-        "image_start_step": _INT,
+        "image_start_step": _OPT_INT,
         "audio_start_step": _INT,
         "num_inference_steps": _INT,
         "scheduler": _STR,
@@ -182,24 +187,13 @@ class RenderConfig:
             raise ConfigError("num_inference_steps", self.num_inference_steps, "must be between 1 and 1000")
         for name in ("image_start_step", "audio_start_step"):
             value = getattr(self, name)
-            if not 0 <= value < self.num_inference_steps:
+            if value is not None and not 0 <= value < self.num_inference_steps:
                 raise ConfigError(
                     name, value, f"must be in [0, num_inference_steps) = [0, {self.num_inference_steps})"
                 )
-        # Every step needs at least one term with a non-zero weight (DESIGN.md section 1: warm start).
-        if self.audio_weight == 0.0 and self.image_start_step > 0:
-            raise ConfigError(
-                "image_start_step",
-                self.image_start_step,
-                "must be 0 when audio_weight=0 (the first steps would have no noise estimate)",
-            )
-        if self.audio_weight == 1.0 and self.audio_start_step > 0:
-            raise ConfigError(
-                "audio_start_step",
-                self.audio_start_step,
-                "must be 0 when audio_weight=1 (the first steps would have no noise estimate)",
-            )
-        if min(self.image_start_step, self.audio_start_step) > 0:
+        # A term is on from its start step alone; before that the other term works alone with weight 1, even
+        # when its audio_weight is 0 or 1 (docs/METHOD.md §1). Step 0 needs one of them.
+        if min(self.image_start, self.audio_start_step) > 0:
             raise ConfigError(
                 "image_start_step",
                 self.image_start_step,
@@ -235,6 +229,16 @@ class RenderConfig:
         if len(self.audio_prompts) == 1:
             return [parse_view("identity")]
         return self.parsed_views()
+
+    @property
+    def image_start(self) -> int:
+        """The step the image term switches on: ``image_start_step``, or by default 5% of the schedule
+        (floor: 100 steps -> 5, 50 -> 2, 3 -> 0), and 0 when the audio model starts late."""
+        if self.image_start_step is not None:
+            return self.image_start_step
+        if self.audio_start_step > 0:
+            return 0
+        return self.num_inference_steps * DEFAULT_IMAGE_START_PERCENT // 100
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -313,9 +317,13 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(name, value, "must be a string")
         return value
-    if kind == _INT:
+    if kind == _OPT_INT and value is None:
+        return None
+    if kind in (_INT, _OPT_INT):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, value, "must be an integer")
+            raise ConfigError(
+                name, value, "must be an integer" + (" (or null for the default)" if kind == _OPT_INT else "")
+            )
         return value
     if kind == _FLOAT:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

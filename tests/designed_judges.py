@@ -58,9 +58,9 @@ JUDGED_STUDY = {
     "space": {
         "audio_weight": {"type": "float", "low": 0.2, "high": 0.8},
         "image_guidance_scale": {"type": "float", "low": 1.0, "high": 12.0},
-        "seed": {"type": "int", "low": 0, "high": 9999},
     },
     "objectives": ["mean(clip/view0, clap/audio0)"],
-    "batch": 2,
+    "seeds_per_trial": 2,
+    "batch": 4,  # renders per sampler call: 2 trials x 2 seeds
     "budget": {"trials": 4},
 }

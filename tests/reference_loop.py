@@ -1,6 +1,8 @@
 """The reference method written plainly, as the seed code runs it: the oracle for tests and benchmarks.
 
-Per step, one UNet call of batch 2 (uncond, cond) per (model, view); one candidate at a time.
+Per step, one UNet call of batch 2 (uncond, cond) per (model, view); one candidate at a time. Warm start as in
+the seed's ``mixed.py`` (docs/METHOD.md §1): each model's noise is computed from its start step on, whatever
+the audio weight; both present -> mixed by the audio weight, one present -> used alone.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def reference_loop(models, config: RenderConfig) -> torch.Tensor:
     with torch.no_grad():
         for i, t in enumerate(scheduler.timesteps):
             image = audio = None
-            if i >= config.image_start_step and config.audio_weight < 1:
+            if i >= config.image_start:
                 image = guided_sum(
                     models.image,
                     config.parsed_views(),
@@ -60,7 +62,7 @@ def reference_loop(models, config: RenderConfig) -> torch.Tensor:
                     z,
                     t,
                 )
-            if i >= config.audio_start_step and config.audio_weight > 0:
+            if i >= config.audio_start_step:
                 audio = guided_sum(
                     models.audio,
                     config.parsed_audio_views(),

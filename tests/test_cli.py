@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from sounding_anagrams.cli import main
@@ -152,6 +153,20 @@ def test_several_seeds_render_in_one_batch(tmp_path: Path):
     alone = np.asarray(Image.open(single / "view1.png"), dtype=int)
     assert np.abs(batched - alone).max() <= 1
     assert (batched != alone).mean() < 0.01
+
+
+def test_a_short_schedule_renders_with_the_default_warm_start(tmp_path: Path, capsys):
+    # The default image start is 5% of the schedule: 3 steps start at 0 instead of failing on step 5.
+    out = tmp_path / "three"
+    argv = ["render", "--models", "tiny", "--device", "cpu", "--steps", "3", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["num_inference_steps"] == 3 and config["image_start_step"] is None
+    assert json.loads((out / "render.json").read_text())["steps_done"] == 3
+    # An explicit value out of range is still refused, naming the field.
+    capsys.readouterr()
+    assert main([*argv[:-2], "--image-start-step", "5"]) == 2
+    assert "image_start_step=5: must be in [0, num_inference_steps) = [0, 3)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -116,18 +116,21 @@ class CornerScorer(AngleScorer):
         return super().embed_images(images[:, :, :1, :1])
 
 
-def test_windowed_score_clamps_negative_windows_at_zero():
+def test_windowed_score_averages_the_windows_then_clamps_the_mean_at_zero():
     # 8x16: 9 windows of side 8 at offsets 0..8 (stride 1); window x sees pixel (0, x) as its corner.
-    corners = [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.0, 0.0]
+    corners = [0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 0.0, 0.0, 0.0]
     picture = torch.zeros(3, 8, 16)
     picture[:, 0, :9] = torch.tensor(corners)
-    # cos to "dark" per window: 1, cos(pi/4), 0, -cos(pi/4), -1, -1, -1, 1, 1; the negatives count as 0.
-    by_hand = (1 + math.cos(math.pi / 4) + 0 + 0 + 0 + 0 + 0 + 1 + 1) / 9
+    # cos to "dark" per window: 1, cos(pi/4), 0, -cos(pi/4), -1, 1, 1, 1, 1. The bad windows pull the mean
+    # down (clamping each window at 0 first would hide them: (5 + cos(pi/4)) / 9).
+    by_hand = (1 + math.cos(math.pi / 4) + 0 - math.cos(math.pi / 4) - 1 + 4) / 9
     scorer = CornerScorer()
     assert scorer.score([picture], ["dark"])["clip/view0"] == pytest.approx(by_hand, abs=1e-6)
     assert scorer.calls == [9]
-    # Not clamped, the same cosines would average to 0.
-    assert scorer.similarity(picture[None], ["dark"], protocol="windowed")[0, 0] > 0.4
+    # A picture whose windows average below 0 scores exactly 0, not a negative number.
+    inverted = picture.clone()
+    inverted[:, 0, :9] = 1 - torch.tensor(corners)
+    assert scorer.score([inverted], ["dark"])["clip/view0"] == 0.0
 
 
 def test_letterbox_keeps_the_picture_and_pads_with_mid_gray():

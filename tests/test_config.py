@@ -19,6 +19,25 @@ def test_defaults_are_the_seed_rotate_example_with_resolved_weights():
     assert (config.audio_weight, config.image_guidance_scale, config.num_inference_steps) == (0.5, 10.0, 100)
 
 
+@pytest.mark.parametrize(("steps", "start"), [(100, 5), (50, 2), (20, 1), (19, 0), (3, 0), (1, 0)])
+def test_the_default_warm_start_scales_with_the_steps(steps, start):
+    # The seed's 5 of 100 steps as a fraction: no step count that is valid alone fails for the default.
+    config = RenderConfig(num_inference_steps=steps)
+    assert config.image_start_step is None and config.image_start == start
+    # With a late audio start the image model starts at once: the default never makes step 0 empty.
+    if steps > 1:
+        assert RenderConfig(num_inference_steps=steps, audio_start_step=1).image_start == 0
+    assert RenderConfig(num_inference_steps=steps, image_start_step=0).image_start == 0
+
+
+def test_warm_starts_switch_on_by_their_step_whatever_the_audio_weight():
+    # Audio-only warm-up, then image only (audio_weight 0); and the mirror case (audio_weight 1).
+    audio_first = RenderConfig(audio_weight=0.0, image_start_step=5)
+    image_first = RenderConfig(audio_weight=1.0, image_start_step=0, audio_start_step=4)
+    assert (audio_first.image_start, audio_first.audio_start_step) == (5, 0)
+    assert (image_first.image_start, image_first.audio_start_step) == (0, 4)
+
+
 def test_hybrid_views_default_to_weight_one_each():
     config = RenderConfig(views=["low_pass", "high_pass"], image_prompts=["a", "b"])
     assert config.view_weights == (1.0, 1.0)
@@ -59,10 +78,10 @@ def test_per_view_audio_prompts_get_their_own_weights():
         ({"seed": True}, r"seed=True: must be an integer"),
         ({"image_start_step": 100}, r"image_start_step=100: must be in \[0, num_inference_steps\)"),
         ({"image_start_step": 3, "audio_start_step": 2}, r"image_start_step=3: .* must be 0"),
-        ({"audio_weight": 0.0}, r"image_start_step=5: must be 0 when audio_weight=0"),
+        ({"image_start_step": 1.5}, r"image_start_step=1.5: must be an integer \(or null for the default\)"),
         (
-            {"audio_weight": 1.0, "audio_start_step": 4, "image_start_step": 0},
-            r"audio_start_step=4: must be 0",
+            {"num_inference_steps": 3, "image_start_step": 5},
+            r"image_start_step=5: must be in \[0, .* \[0, 3\)",
         ),
         ({"scheduler": "ddmi"}, r"scheduler='ddmi': unknown scheduler 'ddmi'; did you mean 'ddim'\?"),
         ({"vocoder": "hifi"}, r"vocoder='hifi': unknown vocoder .* available: griffin_lim, hifigan"),

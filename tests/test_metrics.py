@@ -33,10 +33,10 @@ def test_window_counts_follow_images_that_sound():
     )
 
 
-def test_windowed_score_clamps_each_window_at_zero():
-    cos = torch.tensor([[0.30, -0.20, 0.10, 0.0]])
-    # max(100 cos, 0) = [30, 0, 10, 0]; mean 10; / 100
-    assert windowed_score(cos).item() == pytest.approx(0.10)
+def test_windowed_score_clamps_the_mean_not_each_window():
+    cos = torch.tensor([[0.30, -0.20, 0.10, 0.0], [-0.30, 0.10, 0.0, 0.0]])
+    # mean(100 cos) = 5 -> 0.05 (clamping each window first would give 0.10); a negative mean -> 0.
+    assert windowed_score(cos).tolist() == pytest.approx([0.05, 0.0])
 
 
 def test_alignment_is_the_worst_diagonal():

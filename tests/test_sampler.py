@@ -94,6 +94,35 @@ def test_batched_equals_reference_for_hybrid_views(tiny_models):
     torch.testing.assert_close(output.latents[0], reference_loop(tiny_models, config), atol=2e-4, rtol=1e-4)
 
 
+def test_warm_start_switches_terms_by_their_start_step_only(tiny_models):
+    # The seed's loop: audio_weight=0 with a late image start is an audio-only warm-up, then image-only
+    # steps; audio_weight=1 with a late audio start is the mirror case. Both match the seed-style loop.
+    configs = [
+        tiny_config(seed=8, num_inference_steps=4, audio_weight=0.0, image_start_step=2),
+        tiny_config(seed=9, num_inference_steps=4, audio_weight=1.0, image_start_step=0, audio_start_step=2),
+    ]
+    with UNetRecorder(tiny_models) as calls:
+        output = JointSampler(tiny_models)(configs, progress=False)
+    for index, config in enumerate(configs):
+        torch.testing.assert_close(
+            output.latents[index], reference_loop(tiny_models, config), atol=2e-4, rtol=1e-4
+        )
+    # Steps 0-1: candidate 1's image term (2 views x CFG) and candidate 0's audio term; steps 2-3 the other
+    # way round. A zero weight costs nothing once both terms are on.
+    assert calls.batches["image"] == [4, 4, 4, 4]
+    assert calls.batches["audio"] == [2, 2, 2, 2]
+    # And they differ from the runs without a warm-up: the warm-up steps really used the other model.
+    plain = JointSampler(tiny_models)(
+        [
+            tiny_config(seed=8, num_inference_steps=4, audio_weight=0.0, image_start_step=0),
+            tiny_config(seed=9, num_inference_steps=4, audio_weight=1.0, image_start_step=0),
+        ],
+        progress=False,
+    )
+    for index in range(2):
+        assert (plain.latents[index] - output.latents[index]).abs().max() > 1e-3
+
+
 def test_one_unet_call_per_model_per_step_for_all_candidates(tiny_models):
     configs = [tiny_config(seed=s, image_start_step=0) for s in range(3)]
     with UNetRecorder(tiny_models) as calls:

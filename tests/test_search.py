@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from PIL import Image
@@ -21,7 +23,8 @@ from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings
-from sounding_anagrams.search.study import parse_study
+from sounding_anagrams.search.report import seed_spread, single_renders
+from sounding_anagrams.search.study import parse_study, trial_seeds
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 
@@ -50,10 +53,28 @@ def mlflow_trial_runs(runs: Path, experiment: str):
 
 @pytest.mark.slow
 def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, designed_scorers, tmp_path: Path):
-    runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    study = {**STUDY, "start_points": [{"audio_weight": 0.75, "image_guidance_scale": 2.0}]}
+    runner = runner_for(study, tiny_models, designed_scorers, tmp_path)
     summary = runner.run()
     assert [o.state for o in summary.outcomes] == [TrialState.COMPLETE] * 4
     trials = runner.optuna_study.get_trials(states=(TrialState.COMPLETE,))
+    # Trial 0 is the hand-tuned baseline (the render: values), then the start points, then the sampler.
+    assert trials[0].params == {"audio_weight": 0.5, "image_guidance_scale": 10.0}
+    assert trials[0].user_attrs["start_point"] == "baseline"
+    assert trials[1].params == {"audio_weight": 0.75, "image_guidance_scale": 2.0}
+    assert trials[1].user_attrs["start_point"] == "start point 1"
+    for trial in trials:
+        # Seeds come from (study seed, trial number, index), never from the sampler, and are logged.
+        assert "seed" not in trial.params
+        assert trial.user_attrs["seeds"] == trial_seeds(0, trial.number, 2)
+        per_seed = trial.user_attrs["seed_values"]
+        assert len(per_seed) == 2 and trial.values[0] == pytest.approx(np.mean([v[0] for v in per_seed]))
+        for k, seed in enumerate(trial.user_attrs["seeds"]):
+            config = yaml.safe_load(Path(trial.user_attrs["render_folders"][k], "config.yaml").read_text())
+            assert config["seed"] == seed and Path(trial.user_attrs["trial_folder"], f"seed-{k}").is_dir()
+        best = trial.user_attrs["best_seed"]
+        assert per_seed[best][0] == max(v[0] for v in per_seed)
+        assert trial.user_attrs["render_folder"] == trial.user_attrs["render_folders"][best]
     client, runs = mlflow_trial_runs(tmp_path, "unit")
     assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in trials)
     parent_ids = {r.data.tags["mlflow.parentRunId"] for r in runs}
@@ -61,26 +82,39 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
     for run in runs:
         trial = next(t for t in trials if t.number == int(run.data.tags["trial"]))
         assert run.data.metrics["objective"] == pytest.approx(trial.values[0])
+        per_seed = [run.data.metrics[f"seed{k}/objective"] for k in range(2)]
+        assert per_seed == pytest.approx([v[0] for v in trial.user_attrs["seed_values"]])
+        assert run.data.metrics["objective/min"] == pytest.approx(min(per_seed))
+        assert run.data.metrics["objective/max"] == pytest.approx(max(per_seed))
+        assert {"seed0/clip/view0", "seed1/clap/audio0"} <= set(run.data.metrics)
+        assert json.loads(run.data.params["seeds"]) == trial.user_attrs["seeds"]
+        assert json.loads(run.data.tags["seeds"]) == trial.user_attrs["seeds"]
         assert {"clip/view0", "clip/view1", "clip/alignment", "clip/concealment", "clap/audio0"} <= set(
             run.data.metrics
         )
         assert run.data.params["audio_weight"] == str(trial.params["audio_weight"])
         assert run.data.params["views"] == '["identity", "flip"]'
         assert run.data.tags["state"] == "COMPLETE" and run.data.tags["study"] == "unit"
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {
-            "view0.png",
-            "view1.png",
-            "spectrogram.png",
-            "audio0.wav",
-            "transition.gif",
-            "config.yaml",
-            "card.html",
-        } <= artifacts
-        card = Path(trial.user_attrs["render_folder"], "card.html").read_text()
-        assert (
-            card.count("data:image/png;base64,") == 3
-            and "<audio controls src='data:audio/wav;base64," in card
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"seed-0", "seed-1", "card.html"}
+        for k in range(2):
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id, f"seed-{k}")}
+            assert {
+                f"seed-{k}/{name}"
+                for name in (
+                    "view0.png",
+                    "view1.png",
+                    "spectrogram.png",
+                    "audio0.wav",
+                    "transition.gif",
+                    "config.yaml",
+                )
+            } <= artifacts
+        card = Path(trial.user_attrs["trial_folder"], "card.html").read_text()
+        # Every seed's two views and spectrogram and its sound; the best seed first, with its animation.
+        assert card.count("data:image/png;base64,") == 6 and card.count("data:image/gif;base64,") == 1
+        assert card.count("<audio controls src='data:audio/wav;base64,") == 2
+        assert card.index(f"(best): {trial.user_attrs['seeds'][trial.user_attrs['best_seed']]}") < card.index(
+            "data:image/png;base64,"
         )
     study_pictures = {a.path for a in client.list_artifacts(summary.parent_run_id, "study")}
     assert {"study/history.png", "study/importances.png", "study/best.png"} <= study_pictures
@@ -108,13 +142,20 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(tiny_models, design
     assert TrialState.PRUNED in states, states
     for outcome in pruned.outcomes:
         if outcome.state == TrialState.PRUNED:
-            assert not (outcome.folder / "view0.png").exists()  # stopped mid-way: never decoded or written
+            for k in range(2):  # a pruned trial stops all its seeds mid-way: none is decoded or written
+                assert not (outcome.folder / f"seed-{k}" / "view0.png").exists()
     assert pruned.unet_samples < unpruned.unet_samples
     _, runs = mlflow_trial_runs(tmp_path / "pruned", "unit")
     pruned_run = next(r for r in runs if r.data.tags["state"] == "PRUNED")
     client = MlflowClient(f"sqlite:///{tmp_path / 'pruned' / 'mlflow.db'}")
     history = client.get_metric_history(pruned_run.info.run_id, "preview/clip/view0")
     assert [m.step for m in history] == [50]  # previews are reported at the percent of the schedule
+    # The value a pruner judged is the aggregate (mean) over the trial's seeds.
+    trial = next(
+        t for t in pruned_runner.optuna_study.get_trials() if t.number == int(pruned_run.data.tags["trial"])
+    )
+    reported = client.get_metric_history(pruned_run.info.run_id, "preview/objective")
+    assert [m.value for m in reported] == pytest.approx(list(trial.intermediate_values.values()))
 
 
 @pytest.mark.slow
@@ -139,11 +180,16 @@ def test_a_nan_candidate_fails_with_its_reason_and_the_others_complete(
     runner.run()
     trials = runner.optuna_study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert len(failed) == 2 and len([t for t in trials if t.state == TrialState.COMPLETE]) == 2
-    assert all("non-finite latents at step 0" in t.user_attrs["fail_reason"] for t in failed)
-    _, runs = mlflow_trial_runs(tmp_path, "unit")
-    assert sum(r.data.tags["state"] == "FAIL" for r in runs) == 2
-    assert all("non-finite" in r.data.tags["fail_reason"] for r in runs if r.data.tags["state"] == "FAIL")
+    # Render 1 of every batch is seed 1 of the batch's first trial: that knob set fails, the other one is
+    # judged (complete, or pruned on its previews): a NaN seed never reaches the pruner or the objective.
+    others = [t.state for t in trials if t.state != TrialState.FAIL]
+    assert len(failed) == 2 and [t.number for t in failed] == [0, 2]
+    assert TrialState.COMPLETE in others and set(others) <= {TrialState.COMPLETE, TrialState.PRUNED}
+    for trial in failed:
+        seed = trial.user_attrs["seeds"][1]
+        assert trial.user_attrs["fail_reason"].startswith(
+            f"seed 1 (seed={seed}): non-finite latents at step 0"
+        )
 
 
 @pytest.mark.slow
@@ -189,13 +235,13 @@ def test_resuming_proposes_new_candidates_and_refuses_changed_objectives(
 def test_an_invalid_knob_combination_is_a_failed_trial_not_a_crash(
     tiny_models, designed_scorers, tmp_path: Path
 ):
-    # Each value is valid alone; audio_weight=0 with image_start_step=2 leaves the first steps without a term.
+    # Each value is valid alone; both start steps at 2 leave the first steps without a term.
     study = {
         **STUDY,
         "sampler": "grid",
         "budget": {"trials": 4},
         "space": {
-            "audio_weight": {"type": "categorical", "choices": [0.0, 0.5]},
+            "audio_start_step": {"type": "categorical", "choices": [0, 2]},
             "image_start_step": {"type": "categorical", "choices": [0, 2]},
         },
     }
@@ -203,9 +249,9 @@ def test_an_invalid_knob_combination_is_a_failed_trial_not_a_crash(
     runner.run()
     trials = runner.optuna_study.get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.params for t in failed] == [{"audio_weight": 0.0, "image_start_step": 2}]
+    assert [t.params for t in failed] == [{"audio_start_step": 2, "image_start_step": 2}]
     assert (
-        "invalid knobs: image_start_step=2: must be 0 when audio_weight=0"
+        "invalid knobs: image_start_step=2: image_start_step or audio_start_step (=2) must be 0"
         in failed[0].user_attrs["fail_reason"]
     )
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3
@@ -221,17 +267,42 @@ def test_export_then_render_reproduces_the_best_candidate(
     assert main(["leaderboard", "unit", "--runs", str(tmp_path)]) == 0
     board = capsys.readouterr().out
     assert "clip/alignment" in board and "clap/audio0" in board and f"trial-{best.number:04d}" in board
+    # Knob sets with their spread over seeds, then the best single renders (trial, seed).
+    knob_sets, renders = board.split("best single renders")
+    spread = seed_spread(best)[0]
+    best_row = next(line for line in knob_sets.splitlines() if line.startswith("1 "))
+    assert f"{spread['min']:.4f}..{spread['max']:.4f}" in best_row and "seeds min..max" in knob_sets
+    best_seed = best.user_attrs["best_seed"]
+    top_render = single_renders(runner.optuna_study)[0]
+    assert renders.splitlines()[2].split()[:4] == [
+        "1",
+        str(top_render.trial.number),
+        str(top_render.seed_index),
+        str(top_render.seed),
+    ]
     assert main(["export", "unit", "--runs", str(tmp_path), "--out", str(tmp_path / "exports")]) == 0
     exported = tmp_path / "exports" / f"unit-trial-{best.number:04d}.yaml"
     assert str(exported) in capsys.readouterr().out
+    # The export is the best knob set at its best seed.
+    assert yaml.safe_load(exported.read_text())["seed"] == best.user_attrs["seeds"][best_seed]
     assert main(["render", "--config", str(exported), "--quiet", "--out", str(tmp_path / "again")]) == 0
-    original = Path(best.user_attrs["render_folder"])
+    original = Path(best.user_attrs["render_folders"][best_seed])
     assert (tmp_path / "again" / "config.yaml").read_text() == (original / "config.yaml").read_text()
     for name in ("view0.png", "view1.png", "spectrogram.png"):
         again = np.asarray(Image.open(tmp_path / "again" / name), dtype=int)
         first = np.asarray(Image.open(original / name), dtype=int)
-        # The search rendered it in a batch of 2; alone, float sums run in another order: <= 1 grey level.
+        # The search rendered it in a batch of 4; alone, float sums run in another order: <= 1 grey level.
         assert np.abs(again - first).max() <= 1, name
+    # More seeds of the same knob set: seed, seed+1, ... in one batch.
+    more = tmp_path / "more"
+    assert main(["render", "--config", str(exported), "--quiet", "--num-seeds", "2", "--out", str(more)]) == 0
+    seed = best.user_attrs["seeds"][best_seed]
+    assert [
+        yaml.safe_load((more / f"seed{s}" / "config.yaml").read_text())["seed"] for s in (seed, seed + 1)
+    ] == [
+        seed,
+        seed + 1,
+    ]
 
 
 def test_leaderboard_and_export_of_an_unknown_study_say_what_exists(tmp_path: Path, capsys):
@@ -258,7 +329,7 @@ def _search_command(runs: Path, trials: int) -> list[str]:
         "--trials",
         str(trials),
         "--batch",
-        "1",
+        "2",  # one trial (2 seeds) per sampler call
         "--quiet",
     ]
 
@@ -272,10 +343,14 @@ def _finished(runs: Path, name: str = "rotate-tiny") -> list[optuna.trial.Frozen
 
 
 def _wait_for_a_finished_trial(process: subprocess.Popen, runs: Path, timeout: float = 240) -> None:
-    """Poll the study until one trial has finished, while the search process is still running."""
+    """Wait until one trial has finished, while the search process is still running.
+
+    A trial's ``card.html`` is written when it is logged to MLflow, after Optuna was told: only then is the
+    study opened here, so this poller never races the search's own creation of the sqlite schema.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (runs / "optuna.db").exists() and _finished(runs):
+        if any(runs.glob("renders/*/trial-*/card.html")) and _finished(runs):
             return
         assert process.poll() is None, "the search ended before it could be stopped"
         time.sleep(0.5)
@@ -351,7 +426,7 @@ def test_two_workers_on_one_sqlite_study_lose_and_duplicate_nothing(tmp_path: Pa
     assert len(numbers) == len(set(numbers))
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
     assert len(finished) >= 4 and all(t.state != TrialState.RUNNING for t in trials)
-    folders = [t.user_attrs.get("render_folder") for t in finished]
+    folders = [t.user_attrs.get("trial_folder") for t in finished]
     assert len(set(folders)) == len(folders)
     _, runs = mlflow_trial_runs(tmp_path, "rotate-tiny")
     assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in finished)

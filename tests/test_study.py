@@ -26,8 +26,13 @@ def test_the_shipped_studies_cover_the_seed_examples_and_per_view_audio():
             assert study.name == path.stem
             assert (study.render.image_model == "tiny") == tiny
     two_sounds = load_study(REPO / "studies" / "mirror-two-sounds.yaml")
-    assert len(two_sounds.render.audio_prompts) == 2 and two_sounds.sampler == "nsga2"
-    assert len(two_sounds.objectives) == 2
+    assert len(two_sounds.render.audio_prompts) == 2 and len(two_sounds.objectives) == 2
+    for path in SHIPPED:
+        study, tiny = load_study(path), load_study(path, tiny=True)
+        assert (study.seeds_per_trial, tiny.seeds_per_trial) == (4, 2)
+        assert not any(param.name == "seed" for param in study.space)
+        # Trial 0 is the hand-tuned baseline: the render: values of every searched knob.
+        assert study.baseline and study.start_points[0]["audio_weight"] == study.render.audio_weight
 
 
 def test_tiny_section_makes_the_study_small():
@@ -36,14 +41,14 @@ def test_tiny_section_makes_the_study_small():
         load_study(REPO / "studies" / "rotate.yaml", tiny=True),
     )
     assert real.render.num_inference_steps == 50 and tiny.render.num_inference_steps == 6
-    assert tiny.budget.trials == 6 and tiny.batch == 3
+    assert tiny.budget.trials == 6 and tiny.batch == 4 and tiny.trials_per_call == 2
     assert next(p for p in tiny.space if p.name == "image_start_step").high == 2
 
 
 def test_candidate_config_applies_the_trial_params():
     study = load_study(REPO / "studies" / "rotate.yaml", tiny=True)
-    config = study.candidate_config({"audio_weight": 0.3, "view_balance": 0.6, "seed": 12})
-    assert config.audio_weight == 0.3 and config.view_weights == (0.4, 0.6) and config.seed == 12
+    config = study.candidate_config({"audio_weight": 0.3, "view_balance": 0.6})
+    assert config.audio_weight == 0.3 and config.view_weights == (0.4, 0.6)
     assert config.views == study.render.views
 
 
@@ -99,6 +104,37 @@ def mutate(path: str, value):
         ("budget", {}, r"budget=\{\}: give trials and/or minutes"),
         ("budget.trials", 0, r"budget.trials=0: must be an integer of at least 1"),
         ("batch", 0, r"batch=0: must be an integer of at least 1"),
+        (
+            "batch",
+            6,
+            r"batch=6: counts renders per sampler call and must be a multiple of seeds_per_trial=4 .* 4 or 8",
+        ),
+        (
+            "space.seed",
+            {"type": "int", "low": 0, "high": 9999},
+            r"space.seed=.*seeds are not searched.*set seeds_per_trial",
+        ),
+        ("seeds_per_trial", 0, r"seeds_per_trial=0: must be an integer from 1 to 64"),
+        ("aggregate", "meen", r"aggregate='meen': unknown aggregate 'meen'; did you mean 'mean'"),
+        ("sampler", "gpp", r"sampler='gpp': unknown sampler 'gpp'; did you mean 'gp'\?"),
+        ("sampler", {"type": "nsga2", "population": 8}, r"sampler=.*bad options for nsga2: .*population"),
+        (
+            "start_points",
+            [{"audio_wieght": 0.3}],
+            r"start_points\[0\].audio_wieght=0.3: .*did you mean 'audio_weight'",
+        ),
+        (
+            "start_points",
+            [{"audio_weight": 0.9}],
+            r"start_points\[0\].audio_weight=0.9: must be float in \[0.2, 0.7\]",
+        ),
+        ("start_points", {"audio_weight": 0.3}, r"start_points=.*give a list of knob sets"),
+        (
+            "render.audio_weight",
+            0.9,
+            r"render.audio_weight=0.9: is the baseline \(trial 0.*space.audio_weight is float in \[0.2, 0.7\]"
+            r"; widen",
+        ),
         ("previews", [1.5], r"previews=\[1.5\]: give a list of fractions"),
         ("previews", [], r"previews=\[\]: a pruner needs preview steps"),
         ("name", KeyError, r"name=None: give the study a name"),
@@ -138,3 +174,65 @@ def test_search_command_reports_a_bad_study_file_and_exits_2(tmp_path: Path, cap
     assert not (tmp_path / "runs").exists()  # nothing was started
     assert main(["search", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file; studies live in studies/*.yaml" in capsys.readouterr().err
+
+
+def test_seeds_are_derived_not_proposed_and_differ_by_trial_and_index():
+    from sounding_anagrams.search.study import trial_seeds
+
+    seeds = trial_seeds(0, 7, 4)
+    assert seeds == trial_seeds(0, 7, 4)  # deterministic: the export re-renders them
+    assert len(set(seeds)) == 4 and all(0 <= s < 2**32 for s in seeds)
+    assert trial_seeds(0, 8, 4) != seeds and trial_seeds(1, 7, 4) != seeds
+    assert trial_seeds(0, 7, 2) == seeds[:2]  # seed k of a trial does not depend on M
+
+
+def test_sampler_options_and_the_gp_sampler():
+    import optuna
+
+    from sounding_anagrams.search.samplers import make_sampler
+
+    study = parse_study(mutate("sampler", {"type": "gp", "n_startup_trials": 3}), source="s.yaml")
+    sampler = make_sampler(study)
+    assert isinstance(sampler, optuna.samplers.GPSampler) and sampler._n_startup_trials == 3
+    population = parse_study(
+        {**mutate("sampler", {"type": "nsga2", "population_size": 8}), "pruner": "none"}, source="s.yaml"
+    )
+    assert make_sampler(population)._population_size == 8
+
+
+def test_baseline_can_be_switched_off_and_start_points_follow_it():
+    data = {**mutate("start_points", [{"audio_weight": 0.3}, {"image_start_step": 4}]), "baseline": False}
+    study = parse_study(data, source="s.yaml")
+    assert study.start_points == ({"audio_weight": 0.3}, {"image_start_step": 4})
+    with_baseline = parse_study(mutate("start_points", [{"audio_weight": 0.3}]), source="s.yaml")
+    assert with_baseline.start_points[1:] == ({"audio_weight": 0.3},)
+    assert with_baseline.start_points[0] == {
+        "audio_weight": 0.4,
+        "view_balance": 0.7,
+        "image_guidance_scale": 10.0,
+        "audio_guidance_scale": 10.0,
+        "image_start_step": 2,
+    }
+
+
+def test_shipped_configs_and_studies_follow_the_seeds_own_settings():
+    import torch
+
+    from sounding_anagrams.config import RenderConfig
+
+    # Patch permute: the seed draws its 4x16 permutation with torch's generator seeded 42.
+    permute = RenderConfig.from_yaml(REPO / "configs" / "permute.yaml")
+    study = load_study(REPO / "studies" / "permute.yaml")
+    assert permute.views[1] == study.render.views[1] == "patch_permute(patch=8,seed=42)"
+    expected = torch.randperm(64, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(permute.parsed_views()[1].permutation(32, 128), expected)  # type: ignore[attr-defined]
+    assert permute.view_weights == (0.4, 0.6) and permute.audio_weight == 0.4
+    # Gaussian hybrid: the image model starts at step 10 of 100 (the seed's example).
+    hybrid = RenderConfig.from_yaml(REPO / "configs" / "hybrid.yaml")
+    assert hybrid.image_start == 10 and hybrid.num_inference_steps == 100
+    assert (
+        load_study(REPO / "studies" / "hybrid.yaml").render.image_start == 5
+    )  # the same fraction at 50 steps
+    # Tile rotate: weights [0.3, 0.7], audio weight 0.4 (the seed's README), the baseline of its study.
+    rotate = load_study(REPO / "studies" / "rotate.yaml")
+    assert rotate.start_points[0]["view_balance"] == 0.7 and rotate.start_points[0]["audio_weight"] == 0.4

@@ -1,4 +1,4 @@
-"""CLAP scores of sounds against audio prompts (images-that-sound's protocol, DESIGN.md section 5).
+"""CLAP scores of sounds against audio prompts (images-that-sound's protocol, docs/METHOD.md §4).
 
 Each 16 kHz wave is resampled to CLAP's 48 kHz with an exact polyphase filter, peak-normalised, turned
 into log-mel features by the checkpoint's ``ClapFeatureExtractor`` and embedded by
@@ -14,7 +14,8 @@ feature extractor's own ``rand_trunc`` would crop a random 10 s piece (and the `
 crops too), so the same canvas would score differently on every call. Shorter audio is padded the way the
 checkpoint's feature extractor says (``repeatpad`` for the LAION models: repeated, then zero-padded).
 
-CLAP comes from transformers (never the ``laion-clap`` package, see DESIGN.md section 6). ``"tiny"`` names a
+CLAP comes from transformers (never the ``laion-clap`` package: it pins numpy<2, pulls wandb and
+fetches tokenizers from the hub at import). ``"tiny"`` names a
 small random offline CLAP built once into the cache and then loaded through the same ``from_pretrained`` path.
 """
 

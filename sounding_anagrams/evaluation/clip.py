@@ -1,4 +1,4 @@
-"""CLIP scores of pictures against prompts, in the anchors' protocols (DESIGN.md section 5).
+"""CLIP scores of pictures against prompts, in the anchors' protocols (docs/METHOD.md §4).
 
 ``ImageTextScorer`` turns pictures and prompts into the similarity matrix ``S[i, j]`` (view ``i`` against
 prompt ``j``) and the Visual Anagrams figures (per-view score, alignment, concealment); subclasses only say
@@ -8,7 +8,7 @@ how to embed images and texts. ``ClipScorer`` embeds with open_clip: by default 
 Two protocols:
 
 - ``windowed`` (images-that-sound): ``H x H`` windows slid along the width with stride ``H/8`` (25 on a
-  256x1024 picture), each scored ``max(100 cos, 0)``, averaged, ``/ 100``. In ``[0, 1]``.
+  256x1024 picture); their ``100 cos`` are averaged, the mean clamped at 0, ``/ 100``. In ``[0, 1]``.
 - ``whole``: the cosine of the whole picture, letterboxed to a square with mid gray (0.5) first so that a wide
   picture is shrunk, not squashed. In ``[-1, 1]``.
 """

@@ -1,7 +1,7 @@
-"""The anchors' metrics as plain tensor formulas (DESIGN.md section 5), shared by the CLIP and CLAP scorers.
+"""The anchors' metrics as plain tensor formulas (docs/METHOD.md §4), shared by the CLIP and CLAP scorers.
 
-- images-that-sound: a picture is scored on ``H x H`` windows slid along its width with stride ``H/8``; each
-  window scores ``max(100 cos, 0)``; the score is their mean ``/ 100``.
+- images-that-sound: a picture is scored on ``H x H`` windows slid along its width with stride ``H/8``; the
+  windows' ``100 cos`` are averaged and the mean is clamped at 0 (torchmetrics' CLIPScore), then ``/ 100``.
 - Visual Anagrams: with ``S[i, j]`` the similarity of view ``i`` to prompt ``j``, alignment is
   ``min_i S[i, i]`` and concealment is ``(1/N) tr(softmax(S / tau))`` averaged over the row and the column
   softmax, ``tau`` being the model's temperature (CLIP: 1/100).
@@ -40,8 +40,12 @@ def sliding_windows(images: torch.Tensor, stride_fraction: float = 1 / 8) -> tor
 
 
 def windowed_score(cos: torch.Tensor) -> torch.Tensor:
-    """``(..., n_windows)`` cosines -> ``(...)``: the mean of ``max(100 cos, 0)`` over windows, / 100."""
-    return (100 * cos).clamp(min=0).mean(dim=-1) / 100
+    """``(..., n_windows)`` cosines -> ``(...)``: ``max(mean(100 cos), 0) / 100`` over the windows.
+
+    The mean is clamped, not each window (images-that-sound scores with torchmetrics' CLIPScore, which clamps
+    the averaged score): a window that matches badly pulls the picture's score down.
+    """
+    return (100 * cos).mean(dim=-1).clamp(min=0) / 100
 
 
 def alignment(similarity: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """The joint sampler: one latent denoised by an image model under several views and by an audio model.
 
-For candidate ``c`` at step ``i`` (DESIGN.md section 1)::
+For candidate ``c`` at step ``i`` (docs/METHOD.md §1)::
 
     eps = w_s * sum_a a_a * u_a^-1( cfg(eps_audio(u_a(z), t, y_audio_a)) )
         + (1 - w_s) * sum_v w_v * v^-1( cfg(eps_image(v(z), t, y_image_v)) )
@@ -252,11 +252,16 @@ class JointSampler:
 
     @staticmethod
     def term_scales(configs: Sequence[RenderConfig], step: int) -> tuple[list[float], list[float]]:
-        """Per candidate, the weight of the image sum and of the audio sum at ``step`` (warm start rules)."""
+        """Per candidate, the weight of the image sum and of the audio sum at ``step`` (warm start rules).
+
+        A term is on from its start step, by the step alone (the seed's loop, docs/METHOD.md §1); while only
+        one is on it weighs 1, so ``audio_weight=0`` with a late image start is an audio-only warm-up followed
+        by image-only steps. A zero weight then costs no UNet work.
+        """
         image_scale, audio_scale = [], []
         for config in configs:
-            image_on = step >= config.image_start_step and config.audio_weight < 1.0
-            audio_on = step >= config.audio_start_step and config.audio_weight > 0.0
+            image_on = step >= config.image_start
+            audio_on = step >= config.audio_start_step
             if image_on and audio_on:
                 image_scale.append(1.0 - config.audio_weight)
                 audio_scale.append(config.audio_weight)

@@ -1003,6 +1003,10 @@ class _HybridView(View):
 
     ``view`` is the identity: the image model sees the whole latent and only the band of its estimate
     is kept. Bands ``[0, s]``, ``[s, t]``, ``[t, inf]`` add up to the identity.
+
+    What the part *shows* (``view_pixels``, and the sound of a part with its own audio prompt) is the picture
+    seen from that part's distance, not the band itself (docs/METHOD.md §2): ``blur_lo(x)``, i.e. the full
+    picture for the high-pass part (seen up close) and the blurred picture for the low-pass part (from afar).
     """
 
     kind = HYBRID
@@ -1026,9 +1030,14 @@ class _HybridView(View):
         _check_latent(x)
         return self._band_of(x, 1.0)
 
+    def seen(self, x: Tensor, scale: float = 1.0) -> Tensor:
+        """The picture from this part's distance: ``blur_lo(x)`` (``scale``: pixels per latent cell)."""
+        lo, _ = self.band
+        return x.clone() if lo == 0 else gaussian_blur(x, lo * scale)
+
     def view_pixels(self, pixels: Tensor) -> Tensor:
         _latent_size_of_pixels(pixels)
-        return self._band_of(pixels, float(LATENT_SCALE))
+        return self.seen(pixels, float(LATENT_SCALE))
 
 
 def _check_sigma(name: str, params: dict[str, ParamValue], *keys: str) -> None:
@@ -1066,7 +1075,7 @@ class LowPassView(_OneSigmaHybrid):
 
 @register_view
 class HighPassView(_OneSigmaHybrid):
-    """The fine part: ``x - low_pass(x)`` with the same ``sigma``; shown centred on mid gray."""
+    """The fine part: ``x - low_pass(x)`` with the same ``sigma``; it shows the whole picture (up close)."""
 
     name = "high_pass"
 

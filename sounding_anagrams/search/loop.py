@@ -1,9 +1,12 @@
-"""The search loop: ask K trials, render them in one batched call, score them, tell Optuna, log MLflow.
+"""The search loop: ask K trials, render all their seeds in one batched call, score, tell Optuna, log MLflow.
 
-- Previews: at a few fractions of the steps each candidate's predicted clean latent is decoded and scored;
-  the objective is reported to Optuna and pruned candidates stop rendering (the batch shrinks).
-- A candidate that fails (NaN, out of memory, a decoding error, an invalid combination of knobs) becomes a
-  FAIL trial with its reason; the study goes on.
+- A trial is one knob set rendered on ``seeds_per_trial`` seeds that the study derives (never the Optuna
+  sampler); its value is the ``aggregate`` of the per-seed objective values (docs/METHOD.md §5). Trial 0 is
+  the study's hand-tuned ``render:`` values, then its ``start_points``.
+- Previews: at a few fractions of the steps each render's predicted clean latent is decoded and scored; the
+  aggregate over the trial's seeds is reported to Optuna and a pruned trial stops all its seeds.
+- A trial that fails (NaN on any seed, out of memory, a decoding error, an invalid combination of knobs)
+  becomes a FAIL trial with its reason; the study goes on.
 - Every told trial is in the Optuna storage at once: Ctrl-C or a kill loses no finished trial, and running the
   same command again resumes the same study (the trial budget counts the study's finished trials).
 - In-flight trials send heartbeats; a killed worker's trials are failed as stale by the next run.
@@ -16,11 +19,12 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from filelock import FileLock
@@ -33,7 +37,8 @@ from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.render import RenderResult, decode_candidate, render
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import StepState
-from sounding_anagrams.search.study import ParamSpec, StudyConfig
+from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler
+from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
 from sounding_anagrams.search.tracking import Tracker, objective_metrics
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,12 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted"
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
+AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
+    "mean": np.mean,
+    "median": np.median,
+    "min": np.min,
+    "max": np.max,
+}
 
 
 @dataclass
@@ -57,12 +68,54 @@ class SearchSettings:
 
 @dataclass
 class TrialOutcome:
+    """What became of one trial: its aggregate values and mean scores, and per seed the values and scores."""
+
     number: int
     state: TrialState
     values: list[float] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
-    folder: Path | None = None
+    folder: Path | None = None  # the trial folder, holding seed-0, seed-1, ...
+    seeds: list[int] = field(default_factory=list)
+    seed_values: list[list[float]] = field(default_factory=list)
+    seed_scores: list[dict[str, float]] = field(default_factory=list)
+    best_seed: int | None = None
+
+    def user_attrs(self) -> dict[str, Any]:
+        """What Optuna keeps of the trial beside its values (JSON)."""
+        attrs: dict[str, Any] = {"seeds": self.seeds}
+        if self.folder is not None:
+            attrs["trial_folder"] = str(self.folder.resolve())
+            attrs["render_folders"] = [
+                str((self.folder / f"seed-{k}").resolve()) for k in range(len(self.seeds))
+            ]
+        if self.scores:
+            attrs["scores"] = self.scores
+        if self.seed_values:
+            attrs["seed_values"] = self.seed_values
+            attrs["seed_scores"] = self.seed_scores
+        if self.best_seed is not None:
+            attrs["best_seed"] = self.best_seed
+            attrs["render_folder"] = attrs["render_folders"][self.best_seed]
+        if self.reason:
+            attrs["fail_reason"] = self.reason
+        return attrs
+
+
+@dataclass
+class TrialPlan:
+    """One asked trial: its knob set and the M configs (one per seed) rendered for it."""
+
+    trial: Trial
+    config: RenderConfig
+    seeds: list[int]
+    configs: list[RenderConfig]
+
+    def knob_set(self) -> dict[str, Any]:
+        """The config without its seed, plus the seeds (MLflow params)."""
+        knobs = self.config.to_dict()
+        knobs.pop("seed")
+        return {**knobs, "seeds": self.seeds}
 
 
 @dataclass
@@ -90,52 +143,6 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
         raise ConfigError("--storage", url, f"cannot open this Optuna storage: {error}") from None
-
-
-def make_sampler(study: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
-    seed = study.seed if seed is None else seed
-    if study.sampler == "tpe":
-        # constant_liar keeps the K trials of one batch (and other workers' running trials) apart.
-        return optuna.samplers.TPESampler(seed=seed, constant_liar=True, multivariate=True)
-    if study.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return AskTellGridSampler({p.name: p.grid() for p in study.space}, seed=seed)
-
-
-class AskTellGridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler calls ``study.stop()`` once the grid is used up, which only works inside
-    ``study.optimize``; with ask-and-tell the loop asks ``exhausted`` before each batch instead."""
-
-    def after_trial(
-        self,
-        study: optuna.Study,
-        trial: optuna.trial.FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        return None
-
-    def unvisited(self, study: optuna.Study) -> int:
-        return len(self._get_unvisited_grid_ids(study))
-
-
-def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
-    kinds: dict[str, Any] = {
-        "none": optuna.pruners.NopPruner,
-        "median": optuna.pruners.MedianPruner,
-        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-    }
-    try:
-        return kinds[study.pruner.type](**study.pruner.options)
-    except TypeError as error:
-        raise ConfigError(
-            "pruner",
-            dict(study.pruner.options),
-            f"bad options for {study.pruner.type}: {error}",
-            source=study.source,
-        ) from None
 
 
 def suggest(trial: Trial, param: ParamSpec) -> Any:
@@ -180,11 +187,11 @@ class SearchRunner:
         self.study_name = study_name or study.name
         self.storage = storage_url(settings)
         settings.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.rdb = open_storage(self.storage)
         # Creating the tables and the study is done by one process at a time (workers start together). The
         # process that creates the study samples from the study's seed; a resumed run or a second worker
         # gets its own stream, else it would propose the very same candidates again.
         with FileLock(str(settings.runs_dir / ".optuna.lock")):
+            self.rdb = open_storage(self.storage)
             existing = [s.study_name for s in optuna.get_all_study_summaries(self.rdb)]
             seed = (
                 study.seed
@@ -199,6 +206,12 @@ class SearchRunner:
                 sampler=make_sampler(study, seed),
                 pruner=make_pruner(study),
             )
+            if self.study_name not in existing and study.sampler != "grid":
+                # Trial 0 is the hand-tuned baseline, then the study's start points: the search starts from
+                # what a person would try first and can only improve on it. (A grid visits its own points.)
+                for index, point in enumerate(study.start_points):
+                    label = "baseline" if study.baseline and index == 0 else f"start point {index}"
+                    self.optuna_study.enqueue_trial(dict(point), user_attrs={"start_point": label})
         if list(self.optuna_study.directions) != [
             optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
             for d in study.directions
@@ -214,6 +227,8 @@ class SearchRunner:
         self.optuna_study.set_user_attr("study_file", study.source)
         self.optuna_study.set_user_attr("runs_dir", str(settings.runs_dir.resolve()))
         self.optuna_study.set_user_attr("objectives", [o.spec for o in study.objectives])
+        self.optuna_study.set_user_attr("seeds_per_trial", study.seeds_per_trial)
+        self.optuna_study.set_user_attr("aggregate", study.aggregate)
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
@@ -234,7 +249,8 @@ class SearchRunner:
         minutes = self.settings.minutes if self.settings.minutes is not None else self.study.budget.minutes
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         target = self.target_trials()
-        batch = self.settings.batch or self.study.batch
+        batch = self.settings.batch or self.study.batch  # renders per sampler call
+        per_call = max(1, batch // self.study.seeds_per_trial)  # trials per sampler call
         self.tracker.start_parent(
             f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
             {
@@ -243,6 +259,8 @@ class SearchRunner:
                 "sampler": self.study.sampler,
                 "pruner": self.study.pruner.type,
                 "batch": batch,
+                "seeds_per_trial": self.study.seeds_per_trial,
+                "aggregate": self.study.aggregate,
                 "trials_target": target,
                 "space": [p.name for p in self.study.space],
                 **self.study.render.to_dict(),
@@ -262,14 +280,14 @@ class SearchRunner:
         try:
             while time.monotonic() < deadline:
                 self.fail_stale_trials()
-                remaining = (target - self.finished_count()) if target is not None else batch
+                remaining = (target - self.finished_count()) if target is not None else per_call
                 if remaining <= 0:
                     break
                 if isinstance(self.optuna_study.sampler, AskTellGridSampler):
                     remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
                     if remaining <= 0:
                         break
-                new = self.run_batch(min(batch, remaining))
+                new = self.run_batch(min(per_call, remaining))
                 outcomes.extend(new)
                 bar.update(len(new))
         except KeyboardInterrupt:
@@ -295,100 +313,147 @@ class SearchRunner:
 
     # -- one batch -------------------------------------------------------------------------------------
 
-    def render_folder(self, number: int) -> Path:
+    def trial_folder(self, number: int) -> Path:
         return self.settings.runs_dir / "renders" / self.study_name / f"trial-{number:04d}"
 
+    def render_folder(self, number: int, seed_index: int) -> Path:
+        """One render of a trial: ``<runs>/renders/<study>/trial-0007/seed-2`` (its seed in config.yaml)."""
+        return self.trial_folder(number) / f"seed-{seed_index}"
+
+    def plan_trial(self, trial: Trial) -> TrialPlan:
+        """The trial's knob set and its seeds (from the study seed, never proposed: docs/METHOD.md §5)."""
+        params = {param.name: suggest(trial, param) for param in self.study.space}
+        config = self.study.candidate_config(params)
+        # Only the benchmark's single-seed baseline design searches "seed" itself; study files cannot.
+        seeds = (
+            [config.seed]
+            if "seed" in params
+            else trial_seeds(self.study.seed, trial.number, self.study.seeds_per_trial)
+        )
+        trial.set_user_attr("seeds", seeds)
+        return TrialPlan(trial, config, seeds, [config.replace(seed=seed) for seed in seeds])
+
     def run_batch(self, k: int) -> list[TrialOutcome]:
-        """Ask k trials, render the valid ones in one batched call, score, tell and log every one."""
+        """Ask k trials, render all their seeds in one batched call, score, tell and log every one."""
         with warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for study.optimize; we send them ourselves.
             warnings.simplefilter("ignore", UserWarning)
             trials = [self.optuna_study.ask() for _ in range(k)]
         self.heartbeat(trials, force=True)
         outcomes: dict[int, TrialOutcome] = {}
-        configs: list[tuple[Trial, RenderConfig]] = []
+        plans: list[TrialPlan] = []
         for trial in trials:
-            params = {param.name: suggest(trial, param) for param in self.study.space}
             try:
-                configs.append((trial, self.study.candidate_config(params)))
+                plans.append(self.plan_trial(trial))
             except ConfigError as error:
                 outcomes[trial.number] = TrialOutcome(
                     trial.number, TrialState.FAIL, reason=f"invalid knobs: {error}"
                 )
         previews: dict[int, list[tuple[int, dict[str, float]]]] = {t.number: [] for t in trials}
         try:
-            results = self.render_trials(configs, previews) if configs else []
-            self.score_and_judge(results, configs, outcomes)
+            results = self.render_trials(plans, previews) if plans else []
+            self.score_and_judge(results, plans, outcomes)
         except KeyboardInterrupt:
             for trial in trials:
                 outcomes.setdefault(
                     trial.number, TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED)
                 )
-            self.tell_and_log(trials, outcomes, previews, configs)
+            self.tell_and_log(trials, outcomes, previews, plans)
             raise
         except (
             Exception
         ) as error:  # out of memory, a disk full, a judge refusing input: the batch fails, not the study
             logger.exception("batch of trials %s failed", [t.number for t in trials])
-            for trial, _ in configs:
+            for plan in plans:
                 outcomes.setdefault(
-                    trial.number,
+                    plan.trial.number,
                     TrialOutcome(
-                        trial.number, TrialState.FAIL, reason=f"batch failed: {type(error).__name__}: {error}"
+                        plan.trial.number,
+                        TrialState.FAIL,
+                        reason=f"batch failed: {type(error).__name__}: {error}",
+                        seeds=plan.seeds,
                     ),
                 )
-        self.tell_and_log(trials, outcomes, previews, configs)
+        self.tell_and_log(trials, outcomes, previews, plans)
         return [outcomes[t.number] for t in trials]
 
     def render_trials(
         self,
-        configs: list[tuple[Trial, RenderConfig]],
+        plans: list[TrialPlan],
         previews: dict[int, list[tuple[int, dict[str, float]]]],
-    ) -> list[RenderResult]:
-        steps = [preview_steps(config, self.study.previews) for _, config in configs]
+    ) -> list[list[RenderResult]]:
+        """Every seed of every trial in one batched sampler call; returns the renders per trial.
+
+        Previews: at a preview step all seeds of a trial are at the same stage (one knob set, one schedule);
+        their objective values are aggregated like the final ones and reported once per trial, and a pruned
+        trial stops all of its seeds.
+        """
+        configs = [config for plan in plans for config in plan.configs]
+        owner = [p for p, plan in enumerate(plans) for _ in plan.configs]  # render -> its trial's plan
+        steps = [preview_steps(plan.config, self.study.previews) for plan in plans]
         single = len(self.study.objectives) == 1
 
         def on_step(state: StepState) -> list[int]:
-            self.heartbeat([configs[c][0] for c in state.candidates])
-            due = [
-                (row, c)
-                for row, c in enumerate(state.candidates)
-                if state.step + 1 in steps[c] and bool(torch.isfinite(state.pred_x0[row]).all())
-            ]
+            self.heartbeat(
+                list({plans[owner[c]].trial.number: plans[owner[c]].trial for c in state.candidates}.values())
+            )
+            rendering: dict[int, list[tuple[int, int]]] = {}  # plan -> (row, render) of its seeds still going
+            for row, c in enumerate(state.candidates):
+                rendering.setdefault(owner[c], []).append((row, c))
+            # The seeds of one trial share one schedule, so a seed missing here has failed (NaN): the knob set
+            # fails as a whole, and its other seeds stop now instead of rendering for nothing.
+            stop = [c for p, rows in rendering.items() if len(rows) < len(plans[p].configs) for _, c in rows]
+            due = {
+                p: rows
+                for p, rows in rendering.items()
+                if state.step + 1 in steps[p]
+                and len(rows) == len(plans[p].configs)
+                and all(bool(torch.isfinite(state.pred_x0[row]).all()) for row, _ in rows)
+            }
             if not due:
-                return []
+                return stop
+            flat = [(p, row, c) for p, rows in due.items() for row, c in rows]
             decoded = [
-                decode_candidate(state.pred_x0[row], configs[c][1], self.models, with_transition=False)
-                for row, c in due
+                decode_candidate(state.pred_x0[row], configs[c], self.models, with_transition=False)
+                for _, row, c in flat
             ]
             records = self.scorers.score(
                 [
-                    self.candidate(configs[c][1], d.pictures, d.waves)
-                    for (_, c), d in zip(due, decoded, strict=True)
+                    self.candidate(configs[c], d.pictures, d.waves)
+                    for (_, _, c), d in zip(flat, decoded, strict=True)
                 ]
             )
-            stop = []
-            for (_, c), record in zip(due, records, strict=True):
-                trial = configs[c][0]
-                percent = steps[c][state.step + 1]
-                previews[trial.number].append((percent, record))
-                value = self.study.objectives[0].value(record)
+            for p, rows in due.items():
+                trial = plans[p].trial
+                percent = steps[p][state.step + 1]
+                seed_records = [records[i] for i, (q, _, _) in enumerate(flat) if q == p]
+                record = mean_record(seed_records)
+                value = aggregate(
+                    [self.study.objectives[0].value(r) for r in seed_records], self.study.aggregate
+                )
+                previews[trial.number].append((percent, {**record, "objective": value}))
                 if single and math.isfinite(value):
                     trial.report(value, percent)
                     if trial.should_prune():
-                        stop.append(c)
+                        stop += [c for _, c in rows]
             return stop
 
+        folders = [
+            self.render_folder(plan.trial.number, k) for plan in plans for k in range(len(plan.configs))
+        ]
         batch = render(
-            [config for _, config in configs],
+            configs,
             self.models,
-            [self.render_folder(trial.number) for trial, _ in configs],
+            folders,
             callback=on_step,  # always: it also sends the heartbeats
             progress=self.settings.progress,
             max_unet_batch=self.settings.max_unet_batch,
         )
         self.unet_samples += sum(batch.unet_samples.values())
-        return batch.results
+        per_trial: list[list[RenderResult]] = [[] for _ in plans]
+        for c, result in enumerate(batch.results):
+            per_trial[owner[c]].append(result)
+        return per_trial
 
     @staticmethod
     def candidate(config: RenderConfig, pictures: list[Any], waves: list[Any]) -> Candidate:
@@ -411,52 +476,66 @@ class SearchRunner:
 
     def score_and_judge(
         self,
-        results: list[RenderResult],
-        configs: list[tuple[Trial, RenderConfig]],
+        results: list[list[RenderResult]],
+        plans: list[TrialPlan],
         outcomes: dict[int, TrialOutcome],
     ) -> None:
-        done = []
-        for (trial, _), result in zip(configs, results, strict=True):
-            if result.failure:
-                outcomes[trial.number] = TrialOutcome(
-                    trial.number, TrialState.FAIL, reason=result.failure, folder=result.folder
+        """Per trial: FAIL if any seed failed (the knob set is not reliable), PRUNED if stopped, else the
+        aggregate of its seeds' objective values (the per-seed values and scores are kept)."""
+        done: list[tuple[TrialPlan, list[RenderResult]]] = []
+        for plan, renders in zip(plans, results, strict=True):
+            number = plan.trial.number
+            folder = self.trial_folder(number)
+            failed = [(k, r) for k, r in enumerate(renders) if r.failure]
+            if failed:
+                reason = "; ".join(f"seed {k} (seed={r.config.seed}): {r.failure}" for k, r in failed)
+                outcomes[number] = TrialOutcome(
+                    number, TrialState.FAIL, reason=reason, folder=folder, seeds=plan.seeds
                 )
-            elif result.stopped:
-                outcomes[trial.number] = TrialOutcome(trial.number, TrialState.PRUNED, folder=result.folder)
+            elif any(r.stopped for r in renders):
+                outcomes[number] = TrialOutcome(number, TrialState.PRUNED, folder=folder, seeds=plan.seeds)
             else:
-                done.append((trial, result))
-        records = self.scorers.score(
-            [
-                self.candidate(r.config, r.decoded.pictures, r.decoded.waves)
-                for _, r in done
-                if r.decoded is not None
+                done.append((plan, renders))
+        candidates = [
+            self.candidate(r.config, r.decoded.pictures, r.decoded.waves)
+            for _, renders in done
+            for r in renders
+            if r.decoded is not None
+        ]
+        records = iter(self.scorers.score(candidates))
+        for plan, renders in done:
+            number = plan.trial.number
+            seed_scores = [next(records) for _ in renders]
+            seed_values = [[o.value(record) for o in self.study.objectives] for record in seed_scores]
+            values = [
+                aggregate([v[j] for v in seed_values], self.study.aggregate)
+                for j in range(len(self.study.objectives))
             ]
-        )
-        for (trial, result), record in zip(done, records, strict=True):
-            values = [objective.value(record) for objective in self.study.objectives]
-            if all(math.isfinite(v) for v in values):
-                outcomes[trial.number] = TrialOutcome(
-                    trial.number, TrialState.COMPLETE, values, record, folder=result.folder
-                )
-            else:
+            outcome = TrialOutcome(
+                number,
+                TrialState.COMPLETE,
+                values,
+                mean_record(seed_scores),
+                folder=self.trial_folder(number),
+                seeds=plan.seeds,
+                seed_values=seed_values,
+                seed_scores=seed_scores,
+                best_seed=best_seed_index(seed_values),
+            )
+            if not all(math.isfinite(v) for v in values):
                 missing = [
                     o.spec for o, v in zip(self.study.objectives, values, strict=True) if not math.isfinite(v)
                 ]
-                outcomes[trial.number] = TrialOutcome(
-                    trial.number,
-                    TrialState.FAIL,
-                    [],
-                    record,
-                    reason=f"objective not finite: {missing}",
-                    folder=result.folder,
-                )
+                outcome.state, outcome.values = TrialState.FAIL, []
+                outcome.reason = f"objective not finite: {missing}"
+            outcomes[number] = outcome
 
     def tell_and_log(
         self,
         trials: Sequence[Trial],
         outcomes: Mapping[int, TrialOutcome],
         previews: Mapping[int, list[tuple[int, dict[str, float]]]],
-        configs: Sequence[tuple[Trial, RenderConfig]],
+        plans: Sequence[TrialPlan],
     ) -> None:
         """Tell Optuna every trial of the batch first (the storage is the record), then log them to MLflow."""
         for trial in trials:
@@ -464,12 +543,8 @@ class SearchRunner:
             if outcome.reason:
                 logger.warning("trial %d failed: %s", trial.number, outcome.reason)
             try:
-                if outcome.folder is not None:
-                    trial.set_user_attr("render_folder", str(outcome.folder.resolve()))
-                if outcome.scores:
-                    trial.set_user_attr("scores", outcome.scores)
-                if outcome.reason:
-                    trial.set_user_attr("fail_reason", outcome.reason)
+                for key, value in outcome.user_attrs().items():
+                    trial.set_user_attr(key, value)
                 if outcome.state == TrialState.COMPLETE:
                     self.optuna_study.tell(trial, outcome.values)
                 else:
@@ -478,21 +553,48 @@ class SearchRunner:
                 logger.warning(
                     "trial %d could not be told (%s); the storage keeps its state", trial.number, error
                 )
-        by_number = {trial.number: config for trial, config in configs}
+        by_number = {plan.trial.number: plan for plan in plans}
         for trial in trials:
             outcome = outcomes[trial.number]
-            config = by_number.get(trial.number)
+            plan = by_number.get(trial.number)
             try:
                 self.tracker.log_trial(
                     trial_number=trial.number,
                     state=self.rdb.get_trial(trial._trial_id).state.name,
                     study=self.study_name,
-                    config=config.to_dict() if config else trial.params,
+                    config=plan.knob_set() if plan else trial.params,
                     scores=outcome.scores,
                     objectives=objective_metrics(outcome.values),
                     previews=previews.get(trial.number, []),
                     folder=outcome.folder,
                     reason=outcome.reason,
+                    seeds=outcome.seeds,
+                    seed_scores=outcome.seed_scores,
+                    seed_objectives=[objective_metrics(v) for v in outcome.seed_values],
+                    best_seed=outcome.best_seed,
                 )
             except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
                 logger.warning("trial %d was not logged to MLflow: %s", trial.number, error)
+
+
+def aggregate(values: Sequence[float], how: str) -> float:
+    """The M per-seed values of one objective as the trial's value (``mean``, ``median``, ``min``, ``max``).
+
+    Any non-finite seed makes the aggregate NaN: a knob set is judged on all of its seeds.
+    """
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0 or not np.isfinite(array).all():
+        return math.nan
+    return float(AGGREGATORS[how](array))
+
+
+def mean_record(records: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each score's mean over the seeds of a trial (the leaderboard's and MLflow's score columns)."""
+    names = [name for name in records[0] if all(name in r for r in records)] if records else []
+    return {name: float(np.mean([r[name] for r in records])) for name in names}
+
+
+def best_seed_index(seed_values: Sequence[Sequence[float]]) -> int:
+    """The seed whose render is best: the highest value (all objectives are maximised), or for several
+    objectives the highest sum."""
+    return int(np.argmax([sum(values) for values in seed_values]))

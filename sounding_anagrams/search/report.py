@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from optuna.trial import FrozenTrial, TrialState
 from PIL import Image, ImageDraw
 
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, unknown_name_message
+from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics
 
@@ -71,14 +73,63 @@ def ranked_trials(study: optuna.Study) -> list[Ranked]:
     return [Ranked(i + 1, t, t.number in pareto) for i, t in enumerate(ordered)]
 
 
+@dataclass
+class SingleRender:
+    """One render of one trial: its seed and its own objective values."""
+
+    trial: FrozenTrial
+    seed_index: int
+    seed: int
+    values: list[float]
+    folder: str
+
+
+def single_renders(study: optuna.Study) -> list[SingleRender]:
+    """Every render of the completed trials, best first (by the objective; several: by their sum, all being
+    maximised). A trial of one seed (older studies) is one render."""
+    renders = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        seeds = trial.user_attrs.get("seeds") or [trial.params.get("seed", -1)]
+        per_seed = trial.user_attrs.get("seed_values") or [trial.values]
+        folders = trial.user_attrs.get("render_folders") or [trial.user_attrs.get("render_folder", "-")]
+        for k, (seed, values) in enumerate(zip(seeds, per_seed, strict=False)):
+            renders.append(SingleRender(trial, k, int(seed), list(values), str(folders[k])))
+    signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    renders.sort(key=lambda r: (-sum(s * v for s, v in zip(signs, r.values, strict=True)), r.trial.number))
+    return renders
+
+
+def seed_spread(trial: FrozenTrial) -> list[dict[str, float]]:
+    """Per objective, the spread of a trial's per-seed values: min, max and the 95% t-interval half-width."""
+    per_seed = trial.user_attrs.get("seed_values") or [trial.values]
+    spread = []
+    for j in range(len(trial.values)):
+        values = [v[j] for v in per_seed]
+        spread.append({"min": min(values), "max": max(values), "ci95": summarize(values)["ci95"]})
+    return spread
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+
+
 def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
+    """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
     ranked = ranked_trials(study)[:top]
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     counts = {
         state.name: len(study.get_trials(deepcopy=False, states=(state,)))
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     }
-    lines = [f"study {study.study_name}: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())]
+    seeds_per_trial = study.user_attrs.get("seeds_per_trial", 1)
+    how = study.user_attrs.get("aggregate", "mean")
+    lines = [
+        f"study {study.study_name}: "
+        + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
+        + f"; each knob set is judged on {seeds_per_trial} seed(s), by their {how}"
+    ]
     if not ranked:
         lines.append("no completed trial yet")
         return "\n".join(lines)
@@ -89,50 +140,67 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
     scores += sorted(
         {n for r in ranked for n in r.trial.user_attrs.get("scores", {})} - set(scores) - set(objectives)
     )
-    header = ["rank", "trial", *objectives, *scores, *params, "render folder"]
+    header = ["rank", "trial"]
+    for name in objectives:
+        header += [name, "seeds min..max", "±95%"]
+    header += [*scores, *params, "start", "trial folder"]
     rows = []
     for r in ranked:
-        values = [f"{v:.4f}" for v in r.trial.values]
-        values += [_fmt(r.trial.user_attrs.get("scores", {}).get(name)) for name in scores]
-        settings = [_fmt(r.trial.params.get(name)) for name in params]
         mark = "*" if r.pareto and len(study.directions) > 1 else ""
-        rows.append(
-            [
-                f"{r.rank}{mark}",
-                str(r.trial.number),
-                *values,
-                *settings,
-                str(r.trial.user_attrs.get("render_folder", "-")),
-            ]
-        )
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+        row = [f"{r.rank}{mark}", str(r.trial.number)]
+        for value, spread in zip(r.trial.values, seed_spread(r.trial), strict=True):
+            row += [f"{value:.4f}", f"{spread['min']:.4f}..{spread['max']:.4f}", _fmt(spread["ci95"])]
+        row += [_fmt(r.trial.user_attrs.get("scores", {}).get(name)) for name in scores]
+        row += [_fmt(r.trial.params.get(name)) for name in params]
+        row += [
+            str(r.trial.user_attrs.get("start_point", "-")),
+            str(r.trial.user_attrs.get("trial_folder", r.trial.user_attrs.get("render_folder", "-"))),
+        ]
+        rows.append(row)
+    lines.append(f"\nknob sets, ranked by the {how} over their seeds")
+    lines += _table(header, rows)
     if len(study.directions) > 1:
         lines.append("* on the Pareto front")
+    renders = single_renders(study)[:top]
+    header = ["rank", "trial", "seed", "seed value", *objectives, "render folder"]
+    rows = [
+        [
+            str(i + 1),
+            str(r.trial.number),
+            str(r.seed_index),
+            str(r.seed),
+            *(f"{v:.4f}" for v in r.values),
+            r.folder,
+        ]
+        for i, r in enumerate(renders)
+    ]
+    lines.append("\nbest single renders" + (" (by the sum of the objectives)" if len(objectives) > 1 else ""))
+    lines += _table(header, rows)
     return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return "-" if math.isnan(value) else f"{value:.4g}"
     return "-" if value is None else str(value)
 
 
 def export_best(study: optuna.Study, out: Path) -> list[Path]:
-    """Write the best trial's config (single objective) or the Pareto set's configs (several) under ``out``.
+    """Write the best knob set's config (single objective) or the Pareto set's (several) under ``out``.
 
-    Each file is the trial's own ``config.yaml`` (which ``render --config`` reproduces), with a header comment
-    naming the study, the trial and its objective values.
+    Each file is the ``config.yaml`` of the knob set's best seed, which ``render --config`` re-renders, with a
+    header naming the study, the trial, its aggregate and per-seed values, and how to render more seeds.
     """
     ranked = [r for r in ranked_trials(study) if r.pareto]
     if not ranked:
         raise SoundingAnagramsError(f"study {study.study_name} has no completed trial to export yet")
     objectives = study.user_attrs.get("objectives") or []
+    how = study.user_attrs.get("aggregate", "mean")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for r in ranked:
-        folder = Path(str(r.trial.user_attrs.get("render_folder", "")))
+        attrs = r.trial.user_attrs
+        folder = Path(str(attrs.get("render_folder", "")))
         source = folder / "config.yaml"
         if not source.exists():
             raise SoundingAnagramsError(
@@ -141,9 +209,21 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
         values = ", ".join(
             f"{name} = {value:.4f}" for name, value in zip(objectives, r.trial.values, strict=False)
         )
+        seeds = attrs.get("seeds", [])
+        best = attrs.get("best_seed", 0)
+        per_seed = "; ".join(
+            f"seed {seed}: " + ", ".join(f"{v:.4f}" for v in values_k)
+            for seed, values_k in zip(seeds, attrs.get("seed_values", []), strict=False)
+        )
         header = (
-            f"# study {study.study_name}, trial {r.trial.number}: {values}\n"
-            f"# re-render: sounding-anagrams render --config <this file>\n"
+            f"# study {study.study_name}, trial {r.trial.number}: "
+            f"{how} over {len(seeds) or 1} seed(s): {values}\n"
+        )
+        if per_seed:
+            header += f"# per seed: {per_seed}\n# this file is its best seed, {seeds[best]}\n"
+        header += (
+            "# re-render: sounding-anagrams render --config <this file>\n"
+            "# more seeds of this knob set: sounding-anagrams render --config <this file> --num-seeds 8\n"
         )
         target = out / f"{study.study_name}-trial-{r.trial.number:04d}.yaml"
         target.write_text(header + source.read_text(encoding="utf-8"), encoding="utf-8")
@@ -164,7 +244,9 @@ def study_pictures(
     folder.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    names = [o.spec for o in config.objectives]
+    # Each value is the aggregate over the trial's seeds: the axis says so.
+    how = f" ({config.aggregate} of {config.seeds_per_trial} seeds)" if config.seeds_per_trial > 1 else ""
+    names = [o.spec + how for o in config.objectives]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
         plots: list[tuple[str, Any]] = []
@@ -225,7 +307,11 @@ def contact_sheet(study: optuna.Study, path: Path, top: int = 6, width: int = 51
             for image in images
         ]
         values = ", ".join(f"{v:.4f}" for v in r.trial.values)
-        rows.append((f"#{r.rank} trial {r.trial.number}: {values}", images))
+        seed = r.trial.user_attrs.get("best_seed")
+        label = f"#{r.rank} trial {r.trial.number}: {values}" + (
+            "" if seed is None else f" (best seed {seed})"
+        )
+        rows.append((label, images))
     if not rows:
         return None
     label_h, pad = 16, 6

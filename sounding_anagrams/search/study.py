@@ -5,14 +5,17 @@
     space:                             # per-candidate RenderConfig fields, view_balance, audio_view_balance
       audio_weight: {type: float, low: 0.2, high: 0.8}
       scheduler: {type: categorical, choices: [ddim, dpmsolver++]}
-    objectives: ["min(clip/alignment, clap/audio0)"]   # several -> multi-objective (NSGA-II by default)
-    sampler: tpe                       # tpe | nsga2 | random | grid
+    objectives: ["min(clip/alignment, clap/audio0)"]   # several -> multi-objective
+    seeds_per_trial: 4                 # M: each trial is one knob set rendered on M seeds (never searched)
+    aggregate: mean                    # how the M values become the trial's: mean | median | min | max
+    start_points: [{audio_weight: 0.3}]  # knob sets tried right after the baseline (render: values, trial 0)
+    sampler: tpe                       # tpe | gp | nsga2 | random | grid, or {type: gp, n_startup_trials: 8}
     pruner: {type: median, n_startup_trials: 4}        # none | median | successive_halving
     previews: [0.5, 0.75]              # fractions of the steps where x0 previews are scored (for pruning)
-    batch: 4                           # candidates per batched sampler call
-    budget: {trials: 32, minutes: 120}
-    seed: 0
-    tiny: {render: {num_inference_steps: 8}, batch: 2, budget: {trials: 6}}  # used with --models tiny
+    batch: 8                           # renders per batched sampler call (batch / M trials); GPU memory
+    budget: {trials: 32, minutes: 120} # trials = knob sets (each M renders)
+    seed: 0                            # seeds the sampler and the trials' render seeds
+    tiny: {render: {num_inference_steps: 8}, seeds_per_trial: 2, batch: 4, budget: {trials: 6}}
 
 Every error names the file, the field and what is allowed.
 """
@@ -20,12 +23,14 @@ Every error names the file, the field and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from sounding_anagrams.config import RenderConfig
@@ -39,12 +44,18 @@ from sounding_anagrams.evaluation.objectives import (
 )
 from sounding_anagrams.sampler.views import PERMUTATION
 
-SAMPLERS = ("tpe", "nsga2", "random", "grid")
+SAMPLERS = ("tpe", "gp", "nsga2", "random", "grid")
+AGGREGATES = ("mean", "median", "min", "max")
 PRUNERS = ("none", "median", "successive_halving")
 PARAM_TYPES = ("float", "int", "categorical")
 BALANCE_PARAMS = ("view_balance", "audio_view_balance")
 SEARCHABLE = (
-    tuple(name for name in RenderConfig.__dataclass_fields__ if name not in RenderConfig.SHARED_FIELDS)
+    # Not the seed: each trial renders on seeds_per_trial seeds of its own (see trial_seeds).
+    tuple(
+        name
+        for name in RenderConfig.__dataclass_fields__
+        if name not in RenderConfig.SHARED_FIELDS and name != "seed"
+    )
     + BALANCE_PARAMS
 )
 _STUDY_KEYS = (
@@ -58,9 +69,13 @@ _STUDY_KEYS = (
     "batch",
     "budget",
     "seed",
+    "seeds_per_trial",
+    "aggregate",
+    "baseline",
+    "start_points",
     "tiny",
 )
-_TINY_KEYS = ("render", "space", "batch", "budget", "previews", "pruner")
+_TINY_KEYS = ("render", "space", "batch", "budget", "previews", "pruner", "seeds_per_trial", "sampler")
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,31 @@ class ParamSpec:
     def extremes(self) -> list[Any]:
         return list(self.choices) if self.type == "categorical" else [self.low, self.high]
 
+    def allows(self, value: Any) -> bool:
+        """Whether Optuna's distribution of this parameter holds ``value`` (for enqueued knob sets)."""
+        if self.type == "categorical":
+            return any(value == choice and type(value) is type(choice) for choice in self.choices) or (
+                value in self.choices
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        assert self.low is not None and self.high is not None
+        if not self.low <= value <= self.high:
+            return False
+        if self.type == "int" and not float(value).is_integer():
+            return False
+        step = self.step if self.step is not None else (1 if self.type == "int" else None)
+        if step is None:
+            return True
+        offset = (value - self.low) / step
+        return abs(offset - round(offset)) < 1e-6
+
+    def describe(self) -> str:
+        if self.type == "categorical":
+            return f"one of {list(self.choices)}"
+        step = f" in steps of {self.step:g}" if self.step is not None else ""
+        return f"{self.type} in [{self.low:g}, {self.high:g}]{step}"
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -102,7 +142,11 @@ class PrunerSpec:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A validated study file (with the ``tiny`` section applied when asked)."""
+    """A validated study file (with the ``tiny`` section applied when asked).
+
+    ``batch`` counts renders per batched sampler call; each trial takes ``seeds_per_trial`` of them, so a call
+    holds ``trials_per_call`` trials. ``start_points`` begin with the baseline (the ``render:`` values).
+    """
 
     name: str
     source: str
@@ -115,6 +159,15 @@ class StudyConfig:
     batch: int
     budget: Budget
     seed: int
+    seeds_per_trial: int = 1
+    aggregate: str = "mean"
+    start_points: tuple[Mapping[str, Any], ...] = ()
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    baseline: bool = True
+
+    @property
+    def trials_per_call(self) -> int:
+        return max(1, self.batch // self.seeds_per_trial)
 
     @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
@@ -174,6 +227,15 @@ def _merge_tiny(data: Mapping[str, Any], source: str) -> dict[str, Any]:
 
 def parse_param(name: str, spec: Any, source: str) -> ParamSpec:
     field_name = f"space.{name}"
+    if name == "seed":
+        raise ConfigError(
+            field_name,
+            spec,
+            "seeds are not searched: a seed has no structure for the sampler to learn, so each trial renders "
+            "its knob set on seeds_per_trial seeds drawn from the study seed; remove space.seed and set "
+            "seeds_per_trial (e.g. 4) to judge every knob set on several seeds",
+            source=source,
+        )
     if name not in SEARCHABLE:
         raise ConfigError(
             field_name, spec, unknown_name_message("searchable parameter", name, SEARCHABLE), source=source
@@ -250,11 +312,7 @@ def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> St
     for objective in objectives:
         objective.check(available, field=f"{source}: objectives")
 
-    sampler = data.get("sampler", "tpe" if len(objectives) == 1 else "nsga2")
-    if sampler not in SAMPLERS:
-        raise ConfigError(
-            "sampler", sampler, unknown_name_message("sampler", str(sampler), SAMPLERS), source=source
-        )
+    sampler, sampler_options = _parse_sampler(data.get("sampler", "tpe"), source)
     if sampler == "grid":
         for param in space:
             if param.type != "categorical" and param.step is None:
@@ -284,13 +342,32 @@ def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> St
         raise ConfigError(
             "previews", previews, "a pruner needs preview steps to judge candidates early", source=source
         )
-    batch = data.get("batch", 1)
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError("batch", batch, "must be an integer of at least 1", source=source)
+    seeds_per_trial = data.get("seeds_per_trial", 1)
+    if (
+        isinstance(seeds_per_trial, bool)
+        or not isinstance(seeds_per_trial, int)
+        or not 1 <= seeds_per_trial <= 64
+    ):
+        raise ConfigError(
+            "seeds_per_trial",
+            seeds_per_trial,
+            "must be an integer from 1 to 64 (seeds each knob set is rendered on)",
+            source=source,
+        )
+    aggregate = data.get("aggregate", "mean")
+    if aggregate not in AGGREGATES:
+        raise ConfigError(
+            "aggregate",
+            aggregate,
+            unknown_name_message("aggregate", str(aggregate), AGGREGATES),
+            source=source,
+        )
+    batch = data.get("batch", seeds_per_trial)
+    check_batch(batch, seeds_per_trial, field="batch", source=source)
     budget = _parse_budget(data.get("budget") or {}, source)
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError("seed", seed, "must be an integer", source=source)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError("seed", seed, "must be an integer in [0, 2**32)", source=source)
 
     study = StudyConfig(
         name.strip(),
@@ -304,9 +381,133 @@ def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> St
         batch,
         budget,
         seed,
+        seeds_per_trial,
+        aggregate,
+        sampler_options=sampler_options,
     )
     _check_space_extremes(study)
+    baseline = data.get("baseline", True)
+    if not isinstance(baseline, bool):
+        raise ConfigError("baseline", baseline, "must be true or false", source=source)
+    points = [baseline_params(study)] if baseline else []
+    points += _parse_start_points(data.get("start_points", []), study)
+    study = dataclasses.replace(study, start_points=tuple(points), baseline=baseline)
+    # The sampler's options are checked now (Optuna's own constructor), not at the first trial.
+    from sounding_anagrams.search.samplers import make_sampler
+
+    make_sampler(study)
     return study
+
+
+def check_batch(batch: Any, seeds_per_trial: int, *, field: str, source: str | None = None) -> None:
+    """``batch`` counts renders per sampler call: whole trials of ``seeds_per_trial`` renders each."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(field, batch, "must be an integer of at least 1", source=source)
+    if batch % seeds_per_trial:
+        raise ConfigError(
+            field,
+            batch,
+            f"counts renders per sampler call and must be a multiple of seeds_per_trial={seeds_per_trial} "
+            f"(a trial renders its {seeds_per_trial} seeds in the same call), e.g. "
+            f"{max(seeds_per_trial, batch // seeds_per_trial * seeds_per_trial)} or "
+            f"{(batch // seeds_per_trial + 1) * seeds_per_trial}",
+            source=source,
+        )
+
+
+def trial_seeds(study_seed: int, trial_number: int, count: int) -> list[int]:
+    """The render seeds of one trial: 32-bit draws of ``SeedSequence(study_seed, spawn_key=(trial, k))``.
+
+    Never proposed by the Optuna sampler (a seed has no structure to model): the same study seed and trial
+    number give the same seeds on every machine, and an export re-renders them exactly (docs/METHOD.md §5).
+    """
+    return [
+        int(np.random.SeedSequence(study_seed, spawn_key=(trial_number, k)).generate_state(1)[0])
+        for k in range(count)
+    ]
+
+
+def baseline_params(study: StudyConfig) -> dict[str, Any]:
+    """The ``render:`` values of every searched knob: the hand-tuned settings, enqueued as trial 0."""
+    render = study.render
+    params: dict[str, Any] = {}
+    for param in study.space:
+        if param.name == "view_balance":
+            assert render.view_weights is not None
+            value: Any = render.view_weights[1]
+        elif param.name == "audio_view_balance":
+            assert render.audio_view_weights is not None
+            value = render.audio_view_weights[1]
+        elif param.name == "image_start_step":
+            value = render.image_start
+        else:
+            value = getattr(render, param.name)
+        if not param.allows(value):
+            raise ConfigError(
+                f"render.{param.name}",
+                value,
+                f"is the baseline (trial 0: the render: values) but space.{param.name} is "
+                f"{param.describe()}; widen the space, change the render value, or set baseline: false",
+                source=study.source,
+            )
+        params[param.name] = value
+    return params
+
+
+def _parse_start_points(value: Any, study: StudyConfig) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ConfigError(
+            "start_points", value, "give a list of knob sets, e.g. [{audio_weight: 0.3}]", source=study.source
+        )
+    space = {param.name: param for param in study.space}
+    points = []
+    for index, point in enumerate(value):
+        field_name = f"start_points[{index}]"
+        point = _require_mapping(point, field_name, study.source)
+        for key, knob in point.items():
+            if key not in space:
+                raise ConfigError(
+                    f"{field_name}.{key}",
+                    knob,
+                    unknown_name_message("searched parameter", str(key), list(space)),
+                    source=study.source,
+                )
+            if not space[key].allows(knob):
+                raise ConfigError(
+                    f"{field_name}.{key}", knob, f"must be {space[key].describe()}", source=study.source
+                )
+        try:
+            study.candidate_config(point)
+        except ConfigError as error:
+            raise ConfigError(
+                field_name, dict(point), f"gives an invalid render config: {error}", source=study.source
+            ) from None
+        points.append(dict(point))
+    return points
+
+
+def _parse_kind(
+    value: Any, name: str, default: str, allowed: tuple[str, ...], source: str, *, plain_field: str
+) -> tuple[str, dict[str, Any]]:
+    """``name: kind`` or ``name: {type: kind, option: value}`` -> (kind, options); a bad kind is named by
+    ``plain_field`` when given as a plain string, else by ``name.type``."""
+    field_name = plain_field if isinstance(value, str) else f"{name}.type"
+    if isinstance(value, str):
+        value = {"type": value}
+    options = dict(_require_mapping(value, name, source))
+    kind = options.pop("type", default)
+    if kind not in allowed:
+        raise ConfigError(field_name, kind, unknown_name_message(name, str(kind), allowed), source=source)
+    return kind, options
+
+
+def _parse_sampler(value: Any, source: str) -> tuple[str, dict[str, Any]]:
+    kind, options = _parse_kind(value, "sampler", "tpe", SAMPLERS, source, plain_field="sampler")
+    if "seed" in options:
+        raise ConfigError(
+            "sampler.seed", options["seed"], "the study's own seed: field seeds the sampler", source=source
+        )
+    return kind, options
 
 
 def _check_balances(space: tuple[ParamSpec, ...], render: RenderConfig, source: str) -> None:
@@ -340,15 +541,7 @@ def _check_space_extremes(study: StudyConfig) -> None:
 
 
 def _parse_pruner(value: Any, source: str) -> PrunerSpec:
-    if isinstance(value, str):
-        value = {"type": value}
-    value = dict(_require_mapping(value, "pruner", source))
-    kind = value.pop("type", "none")
-    if kind not in PRUNERS:
-        raise ConfigError(
-            "pruner.type", kind, unknown_name_message("pruner", str(kind), PRUNERS), source=source
-        )
-    return PrunerSpec(kind, value)
+    return PrunerSpec(*_parse_kind(value, "pruner", "none", PRUNERS, source, plain_field="pruner.type"))
 
 
 def _parse_budget(value: Any, source: str) -> Budget:

@@ -109,21 +109,40 @@ class Tracker:
         previews: Sequence[tuple[int, Mapping[str, float]]] = (),
         folder: Path | None = None,
         reason: str | None = None,
+        seeds: Sequence[int] = (),
+        seed_scores: Sequence[Mapping[str, float]] = (),
+        seed_objectives: Sequence[Mapping[str, float]] = (),
+        best_seed: int | None = None,
     ) -> str:
-        """One nested run: params (the whole config), scores and objectives, step metrics of the previews,
-        tags, and the render folder plus ``card.html`` as artifacts. Returns the run id."""
+        """One nested run per trial (one knob set on several seeds). Returns the run id.
+
+        Params: the knob set and its seeds. Metrics: the trial's aggregate objective(s) and mean scores, the
+        spread of the objective over seeds (``objective/min``, ``objective/max``), every seed's own values
+        (``seed2/objective``, ``seed2/clip/view0``), and the previews as step metrics. Artifacts: the trial
+        folder (``seed-0/``, ``seed-1/``, ...) plus ``card.html``.
+        """
         tags = {
             PARENT_TAG: self.parent_run_id or "",
             "trial": str(trial_number),
             "state": state,
             "study": study,
             "git_commit": git_commit(),
+            "seeds": json.dumps(list(seeds)),
         }
+        if best_seed is not None:
+            tags["best_seed"] = str(best_seed)
         if reason:
             tags["fail_reason"] = reason[:4000]
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=tags)
         run_id = run.info.run_id
-        metrics = [Metric(name, float(value), 0, 0) for name, value in {**scores, **objectives}.items()]
+        values: dict[str, float] = {**scores, **objectives}
+        for name in objectives:
+            per_seed = [record[name] for record in seed_objectives if name in record]
+            if per_seed:
+                values[f"{name}/min"], values[f"{name}/max"] = min(per_seed), max(per_seed)
+        for k, (record, objective) in enumerate(zip(seed_scores, seed_objectives, strict=False)):
+            values.update({f"seed{k}/{name}": value for name, value in {**objective, **record}.items()})
+        metrics = [Metric(name, float(value), 0, 0) for name, value in values.items()]
         for step, record in previews:
             metrics += [Metric(f"preview/{name}", float(value), 0, step) for name, value in record.items()]
         params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
@@ -131,7 +150,18 @@ class Tracker:
         if folder is not None and folder.is_dir():
             card = folder / "card.html"
             card.write_text(
-                trial_card_html(trial_number, study, state, config or {}, scores, objectives, folder),
+                trial_card_html(
+                    trial_number,
+                    study,
+                    state,
+                    config or {},
+                    scores,
+                    objectives,
+                    folder,
+                    seeds=seeds,
+                    seed_objectives=seed_objectives,
+                    best_seed=best_seed,
+                ),
                 encoding="utf-8",
             )
             self.client.log_artifacts(run_id, str(folder))
@@ -161,41 +191,60 @@ def trial_card_html(
     scores: Mapping[str, float],
     objectives: Mapping[str, float],
     folder: Path,
+    *,
+    seeds: Sequence[int] = (),
+    seed_objectives: Sequence[Mapping[str, float]] = (),
+    best_seed: int | None = None,
 ) -> str:
-    """One self-contained page: view pictures, spectrogram, animation, audio players, scores, parameters."""
+    """One self-contained page: per seed the view pictures, spectrogram and sounds (the best seed first, with
+    its animation), then the trial's scores and knob set."""
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{esc(study)} trial {trial_number}</title>",
         "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}img{max-width:100%;"
         "image-rendering:pixelated;border:1px solid #ccc}td,th{padding:2px 10px;text-align:left}"
-        "h2{margin-top:1.2em}.k{color:#555}</style></head><body>",
+        "h2{margin-top:1.4em;border-top:1px solid #ddd;padding-top:.6em}.k{color:#555}</style></head><body>",
         f"<h1>{esc(study)}: trial {trial_number} <small class='k'>({esc(state)})</small></h1>",
     ]
+    order = list(range(len(seeds)))
+    if best_seed is not None and best_seed in order:
+        order.remove(best_seed)
+        order.insert(0, best_seed)
     prompts = list(config.get("image_prompts", []))
     views = list(config.get("views", []))
-    for index in range(len(views)):
-        path = folder / f"view{index}.png"
-        if path.exists():
-            prompt = prompts[index] if index < len(prompts) else ""
-            parts.append(
-                f"<h2>view {index}: {esc(str(views[index]))}</h2><p class='k'>{esc(prompt)}</p>"
-                f"<img src='{_data_uri(path, 'image/png')}'>"
-            )
-    if (folder / "transition.gif").exists():
-        parts.append(f"<h2>transition</h2><img src='{_data_uri(folder / 'transition.gif', 'image/gif')}'>")
-    if (folder / "spectrogram.png").exists():
-        parts.append(f"<h2>spectrogram</h2><img src='{_data_uri(folder / 'spectrogram.png', 'image/png')}'>")
     audio_prompts = list(config.get("audio_prompts", []))
-    for index, prompt in enumerate(audio_prompts):
-        path = folder / f"audio{index}.wav"
-        if path.exists():
-            parts.append(
-                f"<h2>sound {index}</h2><p class='k'>{esc(str(prompt))}</p>"
-                f"<audio controls src='{_data_uri(path, 'audio/wav')}'></audio>"
-            )
+    for k in order:
+        render = folder / f"seed-{k}"
+        if not (render / "view0.png").exists():
+            continue
+        values = seed_objectives[k] if k < len(seed_objectives) else {}
+        label = ", ".join(f"{esc(name)} {value:.4f}" for name, value in values.items())
+        best = " (best)" if k == best_seed else ""
+        parts.append(f"<h2>seed {k}{best}: {seeds[k]}</h2><p class='k'>{label}</p>")
+        for index in range(len(views)):
+            path = render / f"view{index}.png"
+            if path.exists():
+                prompt = prompts[index] if index < len(prompts) else ""
+                parts.append(
+                    f"<h3>view {index}: {esc(str(views[index]))}</h3><p class='k'>{esc(prompt)}</p>"
+                    f"<img src='{_data_uri(path, 'image/png')}'>"
+                )
+        if k == order[0] and (render / "transition.gif").exists():
+            gif = _data_uri(render / "transition.gif", "image/gif")
+            parts.append(f"<h3>transition</h3><img src='{gif}'>")
+        if (render / "spectrogram.png").exists():
+            spectrogram = _data_uri(render / "spectrogram.png", "image/png")
+            parts.append(f"<h3>spectrogram</h3><img src='{spectrogram}'>")
+        for index, prompt in enumerate(audio_prompts):
+            path = render / f"audio{index}.wav"
+            if path.exists():
+                parts.append(
+                    f"<h3>sound {index}</h3><p class='k'>{esc(str(prompt))}</p>"
+                    f"<audio controls src='{_data_uri(path, 'audio/wav')}'></audio>"
+                )
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in {**objectives, **scores}.items())
-    parts.append(f"<h2>scores</h2><table>{rows}</table>")
+    parts.append(f"<h2>scores (mean over seeds)</h2><table>{rows}</table>")
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
-    parts.append(f"<h2>config</h2><table>{rows}</table></body></html>")
+    parts.append(f"<h2>knob set</h2><table>{rows}</table></body></html>")
     return "\n".join(parts)

@@ -1,0 +1,77 @@
+"""Optuna samplers and pruners of a study, built from its file (imports optuna only, not the models)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from sounding_anagrams.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sounding_anagrams.search.study import StudyConfig
+
+
+def make_sampler(study: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """The study's Optuna sampler with its options; bad options are a ``ConfigError`` naming them."""
+    seed = study.seed if seed is None else seed
+    options = dict(study.sampler_options)
+    kinds: dict[str, Any] = {
+        # constant_liar keeps the trials of one batch (and other workers' running trials) apart.
+        "tpe": lambda: optuna.samplers.TPESampler(
+            seed=seed, **{"constant_liar": True, "multivariate": True, **options}
+        ),
+        # The GP sampler conditions on running trials itself, so the trials of one batch differ.
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed, **options),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, **options),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed, **options),
+        "grid": lambda: AskTellGridSampler({p.name: p.grid() for p in study.space}, seed=seed, **options),
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return kinds[study.sampler]()
+    except (TypeError, ValueError) as error:
+        raise ConfigError(
+            "sampler",
+            {"type": study.sampler, **options},
+            f"bad options for {study.sampler}: {error}",
+            source=study.source,
+        ) from None
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler calls ``study.stop()`` once the grid is used up, which only works inside
+    ``study.optimize``; with ask-and-tell the loop asks ``exhausted`` before each batch instead."""
+
+    def after_trial(
+        self,
+        study: optuna.Study,
+        trial: optuna.trial.FrozenTrial,
+        state: TrialState,
+        values: Sequence[float] | None,
+    ) -> None:
+        return None
+
+    def unvisited(self, study: optuna.Study) -> int:
+        return len(self._get_unvisited_grid_ids(study))
+
+
+def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+    kinds: dict[str, Any] = {
+        "none": optuna.pruners.NopPruner,
+        "median": optuna.pruners.MedianPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+    }
+    try:
+        return kinds[study.pruner.type](**study.pruner.options)
+    except TypeError as error:
+        raise ConfigError(
+            "pruner",
+            dict(study.pruner.options),
+            f"bad options for {study.pruner.type}: {error}",
+            source=study.source,
+        ) from None
