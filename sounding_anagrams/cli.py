@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import signal
@@ -20,6 +21,18 @@ from typing import Any
 
 from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS, RenderConfig
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number that is neither NaN nor infinite (argparse's own ``float`` takes both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, but got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, but got {text!r}")
+    return value
+
 
 # flag -> RenderConfig field, for flags that override one field each.
 _RENDER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -35,11 +48,14 @@ _RENDER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
         "audio_prompts",
         {"nargs": "+", "metavar": "PROMPT", "help": "one audio prompt per view"},
     ),
-    "--view-weights": ("view_weights", {"nargs": "+", "type": float, "metavar": "W"}),
-    "--audio-view-weights": ("audio_view_weights", {"nargs": "+", "type": float, "metavar": "W"}),
-    "--audio-weight": ("audio_weight", {"type": float, "help": "weight w_s of the audio model, in [0, 1]"}),
-    "--image-guidance": ("image_guidance_scale", {"type": float}),
-    "--audio-guidance": ("audio_guidance_scale", {"type": float}),
+    "--view-weights": ("view_weights", {"nargs": "+", "type": finite_float, "metavar": "W"}),
+    "--audio-view-weights": ("audio_view_weights", {"nargs": "+", "type": finite_float, "metavar": "W"}),
+    "--audio-weight": (
+        "audio_weight",
+        {"type": finite_float, "help": "weight w_s of the audio model, in [0, 1]"},
+    ),
+    "--image-guidance": ("image_guidance_scale", {"type": finite_float}),
+    "--audio-guidance": ("audio_guidance_scale", {"type": finite_float}),
     "--image-start-step": (
         "image_start_step",
         {"type": int, "help": "steps before this are audio only (default: 5%% of --steps)"},
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--trials", type=int, help="total finished trials (knob sets, each on seeds_per_trial seeds) to reach"
     )
-    search.add_argument("--minutes", type=float, help="stop asking for new trials after this long")
+    search.add_argument("--minutes", type=finite_float, help="stop asking for new trials after this long")
     search.add_argument(
         "--batch",
         type=int,
@@ -229,6 +245,11 @@ def run_search(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.report import leaderboard_text
 
     quiet_libraries()
+    # The stores first: a bad --storage or an MLflow server that does not answer is said in seconds, not
+    # after minutes of loading real weights.
+    from sounding_anagrams.search.loop import check_stores
+
+    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage))
     render_config = study.render
     models = load_models(
         render_config.image_model,
@@ -292,6 +313,9 @@ def _open_study(args: argparse.Namespace) -> Any:
 def run_leaderboard(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.report import leaderboard_text
 
+    if args.top < 1:
+        raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
+
     print(leaderboard_text(_open_study(args), top=args.top))
     return 0
 
@@ -325,6 +349,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if failed and len(failed) == len(results):
         return 2
     return 1 if failed else 0
+
+
+def fresh_folder(base: Path) -> Path:
+    """``base``, or ``base-2``, ``base-3``, ... when it exists: default render folders never collide."""
+    folder, n = base, 2
+    while folder.exists():
+        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
+    if folder != base:
+        print(f"{base} exists; rendering into {folder}", file=sys.stderr)
+    return folder
 
 
 def models_overrides(models: str | None) -> dict[str, str]:
@@ -380,11 +414,27 @@ def run_render(args: argparse.Namespace) -> int:
         raise ConfigError("--num-seeds", args.num_seeds, "must be at least 1")
     if args.max_unet_batch is not None and args.max_unet_batch < 2:
         raise ConfigError("--max-unet-batch", args.max_unet_batch, "must be at least 2 (one CFG pair)")
+    if config.seed + args.num_seeds > 2**63:
+        raise ConfigError(
+            "--num-seeds",
+            args.num_seeds,
+            f"renders seeds {config.seed}..{config.seed + args.num_seeds - 1}, but seeds must be below 2**63",
+        )
     configs = [config.replace(seed=config.seed + k) for k in range(args.num_seeds)]
-    out = args.out or Path("renders") / f"{'-'.join(v.split('(')[0] for v in config.views)}-seed{config.seed}"
+    out = args.out or fresh_folder(
+        Path("renders") / f"{'-'.join(v.split('(')[0] for v in config.views)}-seed{config.seed}"
+    )
     folders = [out] if len(configs) == 1 else [out / f"seed{c.seed}" for c in configs]
     if out.exists() and not out.is_dir():
         raise ConfigError("--out", str(out), "is a file; give a folder for the render")
+    finished = [folder for folder in folders if (folder / "config.yaml").exists()]
+    if finished:
+        raise ConfigError(
+            "--out",
+            str(out),
+            f"holds a finished render ({finished[0] / 'config.yaml'}); a render is never written over: give "
+            "another --out, or remove that folder first",
+        )
 
     # Imported here so that `--help` and input errors answer at once, before diffusers loads.
     from sounding_anagrams.render import render

@@ -240,3 +240,51 @@ def test_console_script_runs_in_a_fresh_process(tmp_path: Path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "p" / "audio0.wav").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["render", "--audio-weight", "nan"],
+        ["render", "--image-guidance", "inf"],
+        ["render", "--view-weights", "0.5", "inf"],
+        ["search", "studies/rotate.yaml", "--minutes", "nan"],
+    ],
+)
+def test_nan_and_infinity_are_refused_where_a_number_is_read(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "must be a finite number, but got" in err and argv[-1] in err and "Traceback" not in err
+
+
+def test_counts_and_seed_ranges_are_checked_with_the_flag_named(tmp_path: Path, capsys):
+    assert main(["leaderboard", "rotate", "--runs", str(tmp_path), "--top", "0"]) == 2
+    assert "--top=0: must be at least 1" in capsys.readouterr().err
+    argv = ["render", "--models", "tiny", "--seed", str(2**63 - 1), "--num-seeds", "2"]
+    assert main(argv) == 2
+    assert "--num-seeds=2: renders seeds 9223372036854775807..9223372036854775808" in capsys.readouterr().err
+
+
+def test_a_finished_render_is_never_written_over(tmp_path: Path, capsys, monkeypatch):
+    first = render(tmp_path, "once", "--seed", "1")
+    before = folder_bytes(first)
+    (first / "scores.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["render", *FAST, "--seed", "2", "--out", str(first)]) == 2
+    assert "holds a finished render" in capsys.readouterr().err
+    assert {k: v for k, v in folder_bytes(first).items() if k != "scores.json"} == before
+    # The default folder is named by views and seed: a second render of other prompts gets a fresh one.
+    monkeypatch.chdir(tmp_path)
+    assert main(["render", *FAST, "--seed", "3"]) == 0
+    assert main(["render", *FAST, "--seed", "3", "--image-prompts", "a", "b"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "renders/identity-tile_rotate_cw-seed3 exists; rendering into renders/identity-tile_rotate_cw-seed3-2"
+        in err
+    )
+    second = yaml.safe_load(
+        (tmp_path / "renders" / "identity-tile_rotate_cw-seed3-2" / "config.yaml").read_text()
+    )
+    assert second["image_prompts"] == ["a", "b"]

@@ -383,7 +383,11 @@ def test_killed_search_keeps_finished_trials_and_the_rerun_continues(tmp_path: P
     assert result.returncode == 0, result.stderr
     after = {t.number: t.values for t in _finished(tmp_path)}
     assert all(after[number] == values for number, values in kept.items())
-    assert len(after) == len(kept) + 1
+    # The killed process's trial in flight is failed at once (its pid is gone) and uses none of the budget.
+    trials = _study(tmp_path).get_trials()
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    died = [t for t in trials if t.user_attrs.get("fail_reason", "").startswith("its worker died")]
+    assert len(after) - len(died) == len(kept) + 1
 
 
 @pytest.mark.slow
@@ -409,27 +413,56 @@ def test_ctrl_c_fails_in_flight_trials_keeps_finished_ones_and_exits_130(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_sqlite_study_lose_and_duplicate_nothing(tmp_path: Path):
+def test_two_workers_one_killed_mid_trial_lose_and_duplicate_nothing(tmp_path: Path):
+    """Two workers start together on a fresh sqlite study; one is SIGKILLed while it renders a trial.
+    The survivor completes the budget, and when it ends nothing of the dead worker still looks alive."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     workers = [
         subprocess.Popen(
-            _search_command(tmp_path, 4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            _search_command(tmp_path, 5), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
         )
         for _ in range(2)
     ]
-    outputs = [w.communicate(timeout=400) for w in workers]
-    for worker, (_, err) in zip(workers, outputs, strict=True):
-        assert worker.returncode == 0, err
-    study = optuna.load_study(study_name="rotate-tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    trials = study.get_trials()
+    victim, survivor = workers
+    try:
+        _wait_for_a_finished_trial(victim, tmp_path)
+        deadline = time.monotonic() + 240
+        while not any(
+            t.user_attrs.get("worker", {}).get("pid") == victim.pid
+            for t in _study(tmp_path).get_trials(states=(TrialState.RUNNING,))
+        ):
+            assert time.monotonic() < deadline, "the worker to kill never started a trial"
+            assert victim.poll() is None, "the worker to kill ended first"
+            time.sleep(0.2)
+    finally:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+    _, err = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, err
+    trials = _study(tmp_path).get_trials()
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    dead = [t for t in trials if t.user_attrs.get("fail_reason", "").startswith("its worker died")]
+    assert dead and all(t.user_attrs["worker"]["pid"] == victim.pid for t in dead)
+    assert f"its worker died (pid {victim.pid} on " in dead[0].user_attrs["fail_reason"]
+    # The budget counts finished knob sets: the dead worker's trial was replaced, not lost.
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-    assert len(finished) >= 4 and all(t.state != TrialState.RUNNING for t in trials)
-    folders = [t.user_attrs.get("trial_folder") for t in finished]
+    assert len(finished) >= 5
+    folders = [t.user_attrs.get("trial_folder") for t in finished if "trial_folder" in t.user_attrs]
     assert len(set(folders)) == len(folders)
-    _, runs = mlflow_trial_runs(tmp_path, "rotate-tiny")
-    assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in finished)
+    client, runs = mlflow_trial_runs(tmp_path, "rotate-tiny")
+    logged = [int(r.data.tags["trial"]) for r in runs]
+    assert len(logged) == len(set(logged)) and set(logged) <= {t.number for t in finished}
+    # The killed invocation's parent run does not stay RUNNING either.
+    experiment = client.get_experiment_by_name("rotate-tiny")
+    parents = client.search_runs([experiment.experiment_id], "tags.kind = 'search'")
+    assert len(parents) == 2 and all(run.info.status != "RUNNING" for run in parents)
+    assert {run.info.status for run in parents} == {"FINISHED", "KILLED"}
+
+
+def _study(runs: Path) -> optuna.Study:
+    return optuna.load_study(study_name="rotate-tiny", storage=f"sqlite:///{runs / 'optuna.db'}")
 
 
 def _postgres_url() -> str | None:
@@ -459,3 +492,61 @@ def test_search_on_postgresql_storage(tiny_models, designed_scorers, tmp_path: P
         assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def test_another_study_under_an_existing_name_is_refused_with_what_to_do(
+    tiny_models, designed_scorers, tmp_path: Path
+):
+    runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    other_prompts = {**STUDY, "render": {**STUDY["render"], "image_prompts": ["dark", "bright"]}}
+    with pytest.raises(ConfigError) as caught:
+        runner_for(other_prompts, tiny_models, designed_scorers, tmp_path)
+    message = str(caught.value)
+    assert "name='unit': a study of this name in sqlite:///" in message
+    assert "image_prompts: ['bright', 'dark'] there, ['dark', 'bright'] here" in message
+    assert "give this study another name, or use another --runs or --storage" in message
+    wider = {**STUDY, "space": {**STUDY["space"], "audio_weight": {"type": "float", "low": 0.0, "high": 1.0}}}
+    with pytest.raises(ConfigError, match=r"space: "):
+        runner_for(wider, tiny_models, designed_scorers, tmp_path)
+    # What may change between runs of one study: the budget, the batch, the sampler.
+    runner_for(
+        {**STUDY, "budget": {"trials": 9}, "sampler": "random"}, tiny_models, designed_scorers, tmp_path
+    )
+
+
+def test_studies_of_one_name_on_two_storages_never_share_render_folders(
+    tiny_models, designed_scorers, tmp_path: Path
+):
+    first = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    other = runner_for(
+        STUDY, tiny_models, designed_scorers, tmp_path, storage=f"sqlite:///{tmp_path / 'other.db'}"
+    )
+    again = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)  # the first study, resumed
+    assert first.render_root == again.render_root == tmp_path / "renders" / "unit"
+    assert other.render_root != first.render_root and other.render_root.name.startswith("unit-")
+    assert (other.render_root / ".study").read_text().strip() == other.optuna_study.user_attrs["uid"]
+    assert other.trial_folder(0) != first.trial_folder(0)
+
+
+def test_the_stores_are_checked_before_any_model_loads(tmp_path: Path, capsys, monkeypatch):
+    import socket
+
+    import sounding_anagrams.sampler.models as models_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("models were loaded before the stores were checked")
+
+    monkeypatch.setattr(models_module, "load_models", never)
+    study = str(REPO / "studies" / "rotate.yaml")
+    bad_storage = "postgresql+psycopg://nobody@127.0.0.1:1/none"
+    assert main(["search", study, "--models", "tiny", "--runs", str(tmp_path), "--storage", bad_storage]) == 2
+    assert f"error: --storage='{bad_storage}': cannot open this Optuna storage" in capsys.readouterr().err
+    with socket.socket() as free:  # a loopback port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    started = time.monotonic()
+    assert main(["search", study, "--models", "tiny", "--runs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"MLFLOW_TRACKING_URI='http://127.0.0.1:{port}': no MLflow server answers there" in err
+    assert time.monotonic() - started < 30  # seconds, not minutes of retries

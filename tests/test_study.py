@@ -97,7 +97,7 @@ def mutate(path: str, value):
         (
             "space.image_guidance_scale.low",
             "five",
-            r"space.image_guidance_scale.low='five': must be a number",
+            r"space.image_guidance_scale.low='five': must be a finite number",
         ),
         ("render.views", ["identity", "rotat"], r"render: views='rotat': unknown view 'rotat'"),
         ("render.image_promts", ["a", "b"], r"render: image_promts=.*did you mean 'image_prompts'"),
@@ -236,3 +236,34 @@ def test_shipped_configs_and_studies_follow_the_seeds_own_settings():
     # Tile rotate: weights [0.3, 0.7], audio weight 0.4 (the seed's README), the baseline of its study.
     rotate = load_study(REPO / "studies" / "rotate.yaml")
     assert rotate.start_points[0]["view_balance"] == 0.7 and rotate.start_points[0]["audio_weight"] == 0.4
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"),
+    [
+        ("name", "../../escaped", r"name='../../escaped': must be letters, digits"),
+        ("name", "a/b", r"name='a/b': must be letters"),
+        ("budget.minutes", float("nan"), r"budget.minutes=nan: must be a finite positive number"),
+        ("budget.minutes", float("inf"), r"budget.minutes=inf: must be a finite positive number"),
+        ("space.audio_weight.low", float("nan"), r"space.audio_weight.low=nan: must be a finite number"),
+        ("space.audio_weight.step", float("inf"), r"space.audio_weight.step=inf: must be a finite positive"),
+    ],
+)
+def test_names_that_leave_the_runs_folder_and_non_finite_numbers_are_refused(path, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_study(mutate(path, value), source="s.yaml")
+
+
+def test_the_main_section_is_checked_even_when_the_tiny_section_overrides_it():
+    data = mutate("render.image_start_step", 60)  # invalid at 50 steps; the tiny section sets it to 1
+    data["tiny"]["render"]["image_start_step"] = 1
+    with pytest.raises(ConfigError, match=r"image_start_step=60: must be in \[0, num_inference_steps\)"):
+        parse_study(data, source="s.yaml", tiny=True)
+
+
+def test_unknown_parameter_lists_only_searchable_knobs():
+    with pytest.raises(ConfigError) as caught:
+        parse_study(mutate("space.audio_wieght", {"type": "float", "low": 0, "high": 1}), source="s.yaml")
+    available = str(caught.value).split("available: ")[1]
+    assert "audio_weight" in available and "view_balance" in available
+    assert "SHARED_FIELDS" not in available and "_KINDS" not in available and "seed," not in available

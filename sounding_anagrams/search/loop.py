@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,18 +33,20 @@ from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
 from sounding_anagrams.config import RenderConfig
-from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.render import RenderResult, decode_candidate, render
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import StepState
 from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
-from sounding_anagrams.search.tracking import Tracker, objective_metrics
+from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
+from sounding_anagrams.search.workers import this_worker, worker_is_dead
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted"
+WORKER_DIED = "its worker died"
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
 AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
@@ -129,6 +132,30 @@ class SearchSummary:
 
 def storage_url(settings: SearchSettings) -> str:
     return settings.storage or f"sqlite:///{settings.runs_dir.resolve() / 'optuna.db'}"
+
+
+def check_stores(settings: SearchSettings) -> None:
+    """Open the Optuna storage and reach the MLflow store before any model loads; refuse to start if not.
+
+    The search refuses rather than running with Optuna alone: MLflow is where a person looks and listens, and
+    a trial logged nowhere browsable would have to be logged again by hand.
+    """
+    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(settings.runs_dir / ".optuna.lock")):
+        open_storage(storage_url(settings))
+    uri = settings.tracking_uri or default_tracking_uri(settings.runs_dir)
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
+        except requests.RequestException as error:
+            raise ConfigError(
+                "MLFLOW_TRACKING_URI",
+                uri,
+                f"no MLflow server answers there ({type(error).__name__}); start it (mlflow server ...) or "
+                "unset MLFLOW_TRACKING_URI for the local store under --runs",
+            ) from None
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
@@ -224,11 +251,13 @@ class SearchRunner:
                 "name or use another --runs folder",
                 source=study.source,
             )
+        self.check_definition()
         self.optuna_study.set_user_attr("study_file", study.source)
         self.optuna_study.set_user_attr("runs_dir", str(settings.runs_dir.resolve()))
         self.optuna_study.set_user_attr("objectives", [o.spec for o in study.objectives])
         self.optuna_study.set_user_attr("seeds_per_trial", study.seeds_per_trial)
         self.optuna_study.set_user_attr("aggregate", study.aggregate)
+        self.render_root = claim_render_root(settings.runs_dir, self.study_name, self.optuna_study)
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
@@ -236,11 +265,9 @@ class SearchRunner:
     # -- budget ----------------------------------------------------------------------------------------
 
     def finished_count(self) -> int:
-        """Finished trials that count against the budget: a trial cut short by Ctrl-C is done again."""
-        return sum(
-            t.user_attrs.get("fail_reason") != INTERRUPTED
-            for t in self.optuna_study.get_trials(deepcopy=False, states=FINISHED)
-        )
+        """Finished trials that count against the budget: a trial cut short by Ctrl-C, or whose worker died,
+        judged nothing and is done again."""
+        return sum(not is_cut_short(t) for t in self.optuna_study.get_trials(deepcopy=False, states=FINISHED))
 
     def target_trials(self) -> int | None:
         return self.settings.trials if self.settings.trials is not None else self.study.budget.trials
@@ -265,7 +292,11 @@ class SearchRunner:
                 "space": [p.name for p in self.study.space],
                 **self.study.render.to_dict(),
             },
-            {"study": self.study_name, "storage": self.storage},
+            {
+                "study": self.study_name,
+                "storage": self.storage,
+                **{k: str(v) for k, v in this_worker().items()},
+            },
         )
         outcomes: list[TrialOutcome] = []
         done = self.finished_count()
@@ -295,6 +326,7 @@ class SearchRunner:
             raise
         finally:
             bar.close()
+            self.fail_stale_trials()  # a rerun that completes the budget leaves nothing of the dead alive
             self.finish(status)
         return SearchSummary(
             self.study_name, self.storage, outcomes, self.unet_samples, self.tracker.parent_run_id
@@ -313,8 +345,33 @@ class SearchRunner:
 
     # -- one batch -------------------------------------------------------------------------------------
 
+    def check_definition(self) -> None:
+        """Refuse to add this study file's trials to a stored study of the same name defined otherwise.
+
+        What defines a study (the fixed render fields, objectives, space, seeds and aggregate) is recorded
+        when it is created; budget, batch, sampler and pruner may change between runs.
+        """
+        definition = study_definition(self.study)
+        stored = self.optuna_study.user_attrs.get("definition")
+        if stored is None:
+            self.optuna_study.set_user_attr("definition", definition)
+            return
+        differs = sorted(key for key in {*stored, *definition} if stored.get(key) != definition.get(key))
+        if differs:
+            shown = "; ".join(
+                f"{key}: {stored.get(key)!r} there, {definition.get(key)!r} here" for key in differs
+            )
+            raise ConfigError(
+                "name",
+                self.study_name,
+                f"a study of this name in {self.storage} was made from another study file ({shown}); its "
+                "trials would mix two experiments: give this study another name, or use another --runs or "
+                "--storage",
+                source=self.study.source,
+            )
+
     def trial_folder(self, number: int) -> Path:
-        return self.settings.runs_dir / "renders" / self.study_name / f"trial-{number:04d}"
+        return self.render_root / f"trial-{number:04d}"
 
     def render_folder(self, number: int, seed_index: int) -> Path:
         """One render of a trial: ``<runs>/renders/<study>/trial-0007/seed-2`` (its seed in config.yaml)."""
@@ -340,6 +397,8 @@ class SearchRunner:
             warnings.simplefilter("ignore", UserWarning)
             trials = [self.optuna_study.ask() for _ in range(k)]
         self.heartbeat(trials, force=True)
+        for trial in trials:
+            trial.set_user_attr("worker", this_worker())
         outcomes: dict[int, TrialOutcome] = {}
         plans: list[TrialPlan] = []
         for trial in trials:
@@ -469,10 +528,30 @@ class SearchRunner:
             self.rdb.record_heartbeat(trial._trial_id)
 
     def fail_stale_trials(self) -> None:
-        """Trials whose worker stopped sending heartbeats (killed) become FAIL, so nothing stays RUNNING."""
+        """Trials of workers that died become FAIL, so nothing of a dead process stays RUNNING.
+
+        Two ways, both safe with live workers: a worker on this machine whose process is gone (its pid and
+        boot id are recorded on each trial) is dead at once; a worker elsewhere is dead when its heartbeats
+        stop for the grace period (Optuna's stale-trial check).
+        """
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(self.optuna_study)
+        for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.user_attrs.get("worker")
+            if not worker or not worker_is_dead(worker):
+                continue
+            try:
+                self.rdb.set_trial_user_attr(
+                    trial._trial_id,
+                    "fail_reason",
+                    f"{WORKER_DIED} (pid {worker['pid']} on {worker['host']})",
+                )
+                self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                logger.warning("trial %d: its worker (pid %s) died; failed", trial.number, worker["pid"])
+            except (RuntimeError, ValueError):  # finished meanwhile by another live worker
+                continue
+        self.tracker.end_dead_parents()
 
     def score_and_judge(
         self,
@@ -575,6 +654,59 @@ class SearchRunner:
                 )
             except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
                 logger.warning("trial %d was not logged to MLflow: %s", trial.number, error)
+
+
+def is_cut_short(trial: optuna.trial.FrozenTrial) -> bool:
+    """A FAIL that judged nothing (Ctrl-C, a dead worker): it does not count against the budget."""
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return reason == INTERRUPTED or reason.startswith(WORKER_DIED)
+
+
+def study_definition(study: StudyConfig) -> dict[str, Any]:
+    """What makes two runs the same experiment (JSON): fixed render fields, objectives, space, seeds."""
+    render = study.render.to_dict()
+    return {
+        **{name: render[name] for name in RenderConfig.SHARED_FIELDS if name not in ("device", "dtype")},
+        "objectives": [o.spec for o in study.objectives],
+        "space": [
+            {
+                "name": p.name,
+                "type": p.type,
+                "low": p.low,
+                "high": p.high,
+                "step": p.step,
+                "log": p.log,
+                "choices": list(p.choices),
+            }
+            for p in study.space
+        ],
+        "seeds_per_trial": study.seeds_per_trial,
+        "aggregate": study.aggregate,
+        "seed": study.seed,
+    }
+
+
+def claim_render_root(runs_dir: Path, name: str, study: optuna.Study) -> Path:
+    """The folder of this study's render folders under ``runs_dir``: ``renders/<name>``, unless another study
+    of that name (another storage sharing this --runs) holds it; then ``renders/<name>-<id>``. A ``.study``
+    file in the folder says whose it is, so no finished render of another study is ever written over."""
+    uid = study.user_attrs.get("uid")
+    if uid is None:
+        uid = uuid.uuid4().hex
+        study.set_user_attr("uid", uid)
+    renders = runs_dir / "renders"
+    with FileLock(str(runs_dir / ".renders.lock")):
+        for root in (renders / name, renders / f"{name}-{uid[:12]}"):
+            marker = root / ".study"
+            if marker.exists() and marker.read_text(encoding="utf-8").strip() == uid:
+                return root
+            if not root.exists() or not any(root.iterdir()):
+                root.mkdir(parents=True, exist_ok=True)
+                marker.write_text(uid + "\n", encoding="utf-8")
+                return root
+    raise SoundingAnagramsError(
+        f"{renders / name}-{uid[:12]} belongs to another study; remove it or use another --runs"
+    )
 
 
 def aggregate(values: Sequence[float], how: str) -> float:

@@ -225,8 +225,12 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
             "# re-render: sounding-anagrams render --config <this file>\n"
             "# more seeds of this knob set: sounding-anagrams render --config <this file> --num-seeds 8\n"
         )
-        target = out / f"{study.study_name}-trial-{r.trial.number:04d}.yaml"
-        target.write_text(header + source.read_text(encoding="utf-8"), encoding="utf-8")
+        text = header + source.read_text(encoding="utf-8")
+        target, n = out / f"{study.study_name}-trial-{r.trial.number:04d}.yaml", 2
+        # Another study of the same name (another storage) may have exported here: never write over it.
+        while target.exists() and target.read_text(encoding="utf-8") != text:
+            target, n = out / f"{study.study_name}-trial-{r.trial.number:04d}-{n}.yaml", n + 1
+        target.write_text(text, encoding="utf-8")
         written.append(target)
     return written
 

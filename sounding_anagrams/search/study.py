@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,15 +47,17 @@ from sounding_anagrams.sampler.views import PERMUTATION
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random", "grid")
 AGGREGATES = ("mean", "median", "min", "max")
+# A study name becomes folder names under --runs (renders, reports, exports): nothing that could leave it.
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 PRUNERS = ("none", "median", "successive_halving")
 PARAM_TYPES = ("float", "int", "categorical")
 BALANCE_PARAMS = ("view_balance", "audio_view_balance")
 SEARCHABLE = (
     # Not the seed: each trial renders on seeds_per_trial seeds of its own (see trial_seeds).
     tuple(
-        name
-        for name in RenderConfig.__dataclass_fields__
-        if name not in RenderConfig.SHARED_FIELDS and name != "seed"
+        f.name
+        for f in dataclasses.fields(RenderConfig)
+        if f.name not in RenderConfig.SHARED_FIELDS and f.name != "seed"
     )
     + BALANCE_PARAMS
 )
@@ -256,8 +259,8 @@ def parse_param(name: str, spec: Any, source: str) -> ParamSpec:
         return ParamSpec(name, kind, choices=tuple(choices))
     low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
     for key, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{field_name}.{key}", value, "must be a number", source=source)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{field_name}.{key}", value, "must be a finite number", source=source)
     assert isinstance(low, (int, float)) and isinstance(high, (int, float))
     if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
         raise ConfigError(f"{field_name}.low", low, "int parameters need integer low and high", source=source)
@@ -266,8 +269,10 @@ def parse_param(name: str, spec: Any, source: str) -> ParamSpec:
     log = bool(spec.get("log", False))
     if log and low <= 0:
         raise ConfigError(f"{field_name}.low", low, "must be positive for a log scale", source=source)
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0):
-        raise ConfigError(f"{field_name}.step", step, "must be a positive number", source=source)
+    if step is not None and (
+        isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
+    ):
+        raise ConfigError(f"{field_name}.step", step, "must be a finite positive number", source=source)
     return ParamSpec(
         name,
         kind,
@@ -282,6 +287,8 @@ def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> St
     data = _require_mapping(data, "study", source)
     _check_keys(data, _STUDY_KEYS, "", source)
     if tiny:
+        # The main section must be valid on its own too: a tiny run must not hide an error of the real one.
+        parse_study(data, source=source, tiny=False)
         data = _merge_tiny(data, source)
     name = data.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -289,6 +296,14 @@ def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> St
             "name",
             name,
             "give the study a name (it names the Optuna study and MLflow experiment)",
+            source=source,
+        )
+    if not STUDY_NAME.fullmatch(name.strip()):
+        raise ConfigError(
+            "name",
+            name,
+            "must be letters, digits, '.', '_' or '-', starting with a letter or digit (it names folders "
+            "under --runs, so no '/' and no '..')",
             source=source,
         )
     if tiny:
@@ -551,9 +566,12 @@ def _parse_budget(value: Any, source: str) -> Budget:
     if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
         raise ConfigError("budget.trials", trials, "must be an integer of at least 1", source=source)
     if minutes is not None and (
-        isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or minutes <= 0
+        isinstance(minutes, bool)
+        or not isinstance(minutes, (int, float))
+        or not math.isfinite(minutes)
+        or minutes <= 0
     ):
-        raise ConfigError("budget.minutes", minutes, "must be a positive number", source=source)
+        raise ConfigError("budget.minutes", minutes, "must be a finite positive number", source=source)
     if trials is None and minutes is None:
         raise ConfigError("budget", dict(value), "give trials and/or minutes", source=source)
     return Budget(trials, float(minutes) if minutes is not None else None)

@@ -23,6 +23,8 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from sounding_anagrams.search.workers import worker_is_dead
+
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -83,6 +85,17 @@ class Tracker:
             self.parent_run_id, params=[Param(k, v) for k, v in flatten_params(params).items()]
         )
         return self.parent_run_id
+
+    def end_dead_parents(self) -> None:
+        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED."""
+        runs = self.client.search_runs(
+            [self.experiment_id], "tags.kind = 'search' and attributes.status = 'RUNNING'", max_results=1000
+        )
+        for run in runs:
+            tags = run.data.tags
+            worker = {"host": tags.get("host"), "pid": tags.get("pid", -1), "boot": tags.get("boot")}
+            if run.info.run_id != self.parent_run_id and tags.get("pid") and worker_is_dead(worker):
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def end_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id is not None:
