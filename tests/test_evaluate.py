@@ -79,3 +79,23 @@ def test_evaluate_bad_input(tmp_path: Path, capsys):
     assert "unknown protocol 'windowd'; did you mean 'windowed'?" in capsys.readouterr().err
     assert main(["evaluate", "--models", "tiny", str(tmp_path / "nowhere")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_truncated_wav_is_an_error_not_a_score_and_spares_the_good_folders(
+    renders: Path, tmp_path: Path, capsys
+):
+    good, broken, empty = (tmp_path / name for name in ("good", "broken", "empty"))
+    for folder in (good, broken, empty):
+        shutil.copytree(renders / "seed0", folder)
+        (folder / "scores.json").unlink(missing_ok=True)  # scored by an earlier test of this module
+    wav = broken / "audio0.wav"
+    wav.write_bytes(wav.read_bytes()[: len(wav.read_bytes()) // 2 + 1])  # cut mid-sample
+    (empty / "audio0.wav").write_bytes((renders / "seed0" / "audio0.wav").read_bytes()[:44])  # header only
+    assert main(["evaluate", "--models", "tiny", str(good), str(broken), str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert f"wav file='{wav}': is truncated: its header announces 158720 frames but the file holds" in err
+    assert f"wav file='{empty / 'audio0.wav'}': is truncated" in err or "holds no samples" in err
+    assert "Traceback" not in err
+    assert (good / "scores.json").exists()
+    assert not (broken / "scores.json").exists() and not (empty / "scores.json").exists()

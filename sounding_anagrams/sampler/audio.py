@@ -374,11 +374,24 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             n_channels = f.getnchannels()
             width = f.getsampwidth()
             rate = f.getframerate()
-            raw = f.readframes(f.getnframes())
+            frames = f.getnframes()
+            raw = f.readframes(frames)
     except (wave.Error, EOFError) as err:
         raise ConfigError("wav file", str(path), f"{allowed} ({err})") from err
+    except OSError as err:  # a folder, no permission
+        raise ConfigError("wav file", str(path), f"cannot be read: {err.strerror or err}") from None
     if width != 2:
         raise ConfigError("wav file", str(path), f"{allowed}; it has {8 * width}-bit samples")
+    # A file cut short would otherwise be scored as whatever samples remain: a wrong score, worse than none.
+    if frames == 0:
+        raise ConfigError("wav file", str(path), "holds no samples (a header only)")
+    if len(raw) < frames * n_channels * width:
+        raise ConfigError(
+            "wav file",
+            str(path),
+            f"is truncated: its header announces {frames} frames but the file holds "
+            f"{len(raw) // (n_channels * width)}",
+        )
     pcm = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
     pcm = pcm.reshape(-1, n_channels).mean(axis=1) if n_channels > 1 else pcm
     return np.clip(pcm, -1.0, 1.0).astype(np.float32), rate
