@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS, RenderConfig
-from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
+from sounding_anagrams.errors import (
+    ConfigError,
+    DiskFullError,
+    SoundingAnagramsError,
+    StoreError,
+    database_cause,
+    is_disk_full,
+    one_line,
+)
 
 
 def finite_float(text: str) -> float:
@@ -406,6 +414,9 @@ def quiet_libraries() -> None:
     for library in (diffusers_logging, transformers_logging):
         library.disable_progress_bar()
         library.set_verbosity_error()
+    # MLflow logs its store's errors with their tracebacks before raising them; we say them in one line.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def run_render(args: argparse.Namespace) -> int:
@@ -469,6 +480,13 @@ def run_render(args: argparse.Namespace) -> int:
         print(f"seed {result.config.seed}: {result.folder}")
         for name, path in result.files.items():
             print(f"  {name:12s} {path}")
+    if any(r.write_error is not None and is_disk_full(r.write_error) for r in results):
+        print(
+            "error: the disk is full: the renders listed above as FAILED were not written (nothing "
+            "half-written is left); free some space and render them again",
+            file=sys.stderr,
+        )
+        return DiskFullError.exit_code
     return 1 if failed else 0
 
 
@@ -495,9 +513,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except OSError as error:  # a folder that cannot be written, a full disk
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except Exception as error:
+        # A full disk, a folder that cannot be written, a store that failed in use (a corrupt page read late).
+        if is_disk_full(error):
+            print(
+                f"error: the disk is full ({one_line(error)}); what was finished is kept: free some space "
+                "and run the same command",
+                file=sys.stderr,
+            )
+            return DiskFullError.exit_code
+        if isinstance(error, OSError):
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        if database_cause(error) is not None:
+            print(f"error: a store of the search failed: {one_line(error)}", file=sys.stderr)
+            return StoreError.exit_code
+        raise  # a bug: its traceback is what a report needs
 
 
 if __name__ == "__main__":

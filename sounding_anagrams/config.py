@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import yaml
 
 from sounding_anagrams.errors import ConfigError, unknown_name_message
+from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.sampler.views import (
     View,
     check_view_weights,
@@ -265,15 +266,10 @@ class RenderConfig:
             raise ConfigError(error.field, error.value, error.allowed, source=source) from None
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> RenderConfig:
+    def from_yaml(cls, path: str | Path, *, field: str = "--config") -> RenderConfig:
+        """The config of a YAML file; ``field`` names where the path came from in errors about the file."""
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("--config", str(path), "no such file") from None
-        except yaml.YAMLError as error:
-            raise ConfigError("--config", str(path), f"is not valid YAML: {error}") from None
-        return cls.from_dict(data or {}, source=str(path))
+        return cls.from_dict(read_yaml_mapping(path, field), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,6 +34,77 @@ class ModelLoadError(SoundingAnagramsError):
     """A model folder or checkpoint is missing or does not match what the loader expects."""
 
     exit_code = 3
+
+
+class StoreError(SoundingAnagramsError):
+    """A store failed while in use: a corrupt or full Optuna database, a server that went away."""
+
+    exit_code = 1
+
+
+class DiskFullError(SoundingAnagramsError):
+    """A disk the tool writes to is full; what was finished is kept and the same command resumes."""
+
+    exit_code = 4
+
+
+def database_cause(error: BaseException) -> BaseException | None:
+    """The database driver's error behind ``error`` (sqlite3, psycopg; through SQLAlchemy's and Optuna's
+    wrappers), or None when no database error caused it."""
+    seen: BaseException | None = error
+    while seen is not None:
+        driver = getattr(seen, "orig", None)  # SQLAlchemy keeps the driver's error here
+        if isinstance(driver, BaseException):
+            return driver
+        if type(seen).__module__.split(".")[0] in ("sqlite3", "psycopg", "psycopg2"):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def database_reason(error: BaseException) -> str:
+    """One line saying what the database said, with a way out where there is one."""
+    cause = database_cause(error) or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if "malformed" in reason or "not a database" in reason:
+        reason += (
+            " (the file is damaged: restore a copy, or rescue what is readable with "
+            "`sqlite3 optuna.db .recover | sqlite3 recovered.db`)"
+        )
+    return reason
+
+
+def shown_url(url: str) -> str:
+    """A storage URL fit for messages and logs: a password in it is masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+# A write that failed for want of room: the disk or the user's quota is full, or a file-size limit is hit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk, said by the OS (ENOSPC, EDQUOT, EFBIG) or by a database on that disk (sqlite)."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+        return True
+    cause = database_cause(error)
+    return cause is not None and any(
+        words in str(cause) for words in ("disk is full", "No space left", "could not extend file")
+    )
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line for a message or a log: the database's own words where a database said it."""
+    if database_cause(error) is not None:
+        return database_reason(error)
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

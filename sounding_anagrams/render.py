@@ -12,8 +12,12 @@ A render folder holds::
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +70,7 @@ class RenderResult:
     failure: str | None = None
     stopped: bool = False
     decoded: Decoded | None = None
+    write_error: OSError | None = None  # the files could not be written (e.g. a full disk)
 
 
 @dataclass
@@ -168,8 +173,35 @@ def write_gif(path: Path, frames: Sequence[torch.Tensor], fps: int = 12) -> None
 def write_render_folder(
     folder: Path, config: RenderConfig, decoded: Decoded, metadata: dict[str, Any]
 ) -> dict[str, Path]:
-    """Write every file of one candidate; returns name -> path."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write every file of one candidate; returns name -> path.
+
+    The files are written into a hidden ``.<name>.*.partial`` folder beside ``folder`` and then moved in,
+    ``config.yaml`` and ``render.json`` last: a folder with a ``config.yaml`` is always complete, and a write
+    that fails (a full disk) leaves nothing half-written. A finished render is never written over.
+    """
+    if (folder / "config.yaml").exists():
+        raise FileExistsError(
+            errno.EEXIST, "holds a finished render, which is never written over", str(folder)
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    try:
+        written = _write_files(partial, config, decoded, metadata)
+        folder.mkdir(exist_ok=True)
+        files = {}
+        for name, path in written.items():  # in order of writing: config and render.json come last
+            files[name] = folder / path.name
+            os.replace(path, files[name])
+        partial.rmdir()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return files
+
+
+def _write_files(
+    folder: Path, config: RenderConfig, decoded: Decoded, metadata: dict[str, Any]
+) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for index, picture in enumerate(decoded.pictures):
         files[f"view{index}"] = folder / f"view{index}.png"
@@ -237,6 +269,7 @@ def render(
                 result.failure = f"decoding failed: {error}"
             except OSError as error:
                 result.failure = f"writing {result.folder} failed: {error}"
+                result.write_error = error
         if result.failure:
             logger.warning("candidate %d (seed %d) failed: %s", index, config.seed, result.failure)
         results.append(result)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from sounding_anagrams.cli import main
 from sounding_anagrams.sampler.audio import read_wav, write_wav
@@ -99,3 +101,60 @@ def test_a_truncated_wav_is_an_error_not_a_score_and_spares_the_good_folders(
     assert "Traceback" not in err
     assert (good / "scores.json").exists()
     assert not (broken / "scores.json").exists() and not (empty / "scores.json").exists()
+
+
+@pytest.mark.slow
+def test_bad_configs_and_pictures_are_named_their_stale_scores_set_aside_and_the_good_scored(
+    renders: Path, tmp_path: Path, capsys
+):
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(renders / "seed0", folder)
+        (folder / "scores.json").write_text('{"scores": {"clip/view0": 0.99}}\n')  # scored before it broke
+        return folder
+
+    good = copy("good")
+    (good / "scores.json").unlink()
+    broken = {
+        "binary config": copy("binary-config"),
+        "empty config": copy("empty-config"),
+        "config folder": copy("config-folder"),
+        "truncated png": copy("truncated-png"),
+        "not an image": copy("not-an-image"),
+        "jpeg": copy("jpeg"),
+        "resized": copy("resized"),
+    }
+    (broken["binary config"] / "config.yaml").write_bytes(bytes(range(256)) * 4)
+    (broken["empty config"] / "config.yaml").write_bytes(b"")
+    (broken["config folder"] / "config.yaml").unlink()
+    (broken["config folder"] / "config.yaml").mkdir()
+    png = (broken["truncated png"] / "view1.png").read_bytes()
+    (broken["truncated png"] / "view1.png").write_bytes(png[: len(png) // 2])
+    (broken["not an image"] / "view0.png").write_bytes(b"\x89PNG but not really " * 50)
+    picture = Image.open(renders / "seed0" / "view0.png")
+    picture.convert("RGB").save(broken["jpeg"] / "view0.png", format="JPEG")
+    picture.resize((picture.width // 2, picture.height // 2)).save(broken["resized"] / "view0.png")
+
+    assert main(["evaluate", "--models", "tiny", str(good), *map(str, broken.values())]) == 1
+    err = capsys.readouterr().err
+    says = {
+        "binary config": "config='{}/config.yaml': is a binary file (a NUL byte at offset 0), not text",
+        "empty config": "config='{}/config.yaml': is empty",
+        "config folder": "config='{}/config.yaml': is a folder, not a file",
+        "truncated png": "{}: view1.png cannot be read",
+        "not an image": "{}: view0.png is not an image",
+        "jpeg": "{}: view0.png is a JPEG file, not a PNG",
+        "resized": "{}: view0.png is 512x128 pixels; config.yaml renders 1024x256",
+    }
+    lines = err.strip().splitlines()
+    assert len(lines) == len(broken) and "Traceback" not in err
+    for kind, folder in broken.items():
+        line = next(line for line in lines if line.startswith(f"error: {folder}:"))
+        assert says[kind].format(folder) in line, line
+        # The old score described other files: set aside (never deleted), and said so.
+        assert not (folder / "scores.json").exists()
+        assert json.loads((folder / "scores.stale.json").read_text())["scores"]["clip/view0"] == 0.99
+        assert line.endswith("its old scores.json no longer describes the folder: moved to scores.stale.json")
+    scored = json.loads((good / "scores.json").read_text())
+    assert set(scored["inputs"]) == {"config.yaml", "view0.png", "view1.png", "audio0.wav"}
+    assert scored["inputs"]["view1.png"] == hashlib.sha256((good / "view1.png").read_bytes()).hexdigest()

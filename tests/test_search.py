@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from sounding_anagrams.cli import main
-from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.errors import ConfigError, DiskFullError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings
@@ -550,3 +551,113 @@ def test_the_stores_are_checked_before_any_model_loads(tmp_path: Path, capsys, m
     err = capsys.readouterr().err
     assert f"MLFLOW_TRACKING_URI='http://127.0.0.1:{port}': no MLflow server answers there" in err
     assert time.monotonic() - started < 30  # seconds, not minutes of retries
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_trial_being_written_keeps_the_finished_and_stops_cleanly(
+    tiny_models, designed_scorers, tmp_path: Path, monkeypatch
+):
+    import sounding_anagrams.render as render_module
+
+    original = render_module.write_wav
+    writes = {"n": 0}
+
+    def filling_disk(path, wave, rate):
+        writes["n"] += 1
+        if writes["n"] > 2:  # the first trial's 2 seeds fit; then the disk is full
+            Path(path).write_bytes(b"RIFF")
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        original(path, wave, rate)
+
+    monkeypatch.setattr(render_module, "write_wav", filling_disk)
+    study = {**STUDY, "batch": 2, "budget": {"trials": 2}}  # one trial (2 seeds) per sampler call
+    runner = runner_for(study, tiny_models, designed_scorers, tmp_path)
+    with pytest.raises(DiskFullError, match=r"is full .*free some space and run the same command to resume"):
+        runner.run()
+    trials = runner.optuna_study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    for trial in trials[1:]:
+        reason = trial.user_attrs["fail_reason"]
+        assert reason.startswith("disk full: seed 0 (seed=") and "[Errno 28] No space left" in reason
+        assert not Path(trial.user_attrs["trial_folder"], "seed-0").exists()  # nothing half-written
+    assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
+    finished = {
+        path: path.read_bytes()
+        for folder in trials[0].user_attrs["render_folders"]
+        for path in Path(folder).iterdir()
+    }
+    client, runs = mlflow_trial_runs(tmp_path, "unit")
+    assert all(r.info.status != "RUNNING" for r in runs)
+    parent = client.search_runs([runs[0].info.experiment_id], "tags.kind = 'search'")[0]
+    assert parent.info.status == "FAILED"
+
+    monkeypatch.setattr(render_module, "write_wav", original)  # space was freed
+    rerun = runner_for(study, tiny_models, designed_scorers, tmp_path)
+    rerun.run()
+    after = rerun.optuna_study.get_trials()
+    # The cut-short trial judged nothing: the budget of 2 is met by 2 completed knob sets.
+    assert [t.state for t in after] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert {path: path.read_bytes() for path in finished} == finished  # the finished renders, untouched
+
+
+@pytest.mark.slow
+def test_a_batch_the_disk_has_no_room_for_is_not_started(
+    tiny_models, designed_scorers, tmp_path: Path, monkeypatch
+):
+    import shutil
+
+    import sounding_anagrams.search.loop as loop_module
+
+    runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
+    written = runner.render_root / "trial-0000" / "seed-0"  # as if a trial had been written before
+    written.mkdir(parents=True)
+    (written / "view0.png").write_bytes(b"\0" * 3_000_000)
+    per_trial = 3_000_000
+    usage = shutil.disk_usage(tmp_path)
+    almost_full = type(usage)(usage.total, usage.used, loop_module.ROOM_FOR_STORES + per_trial)
+    monkeypatch.setattr(loop_module.shutil, "disk_usage", lambda path: almost_full)
+    needs = r"the next batch of 2 trial\(s\) needs about 22 MiB \(2.9 MiB a trial, as measured"
+    with pytest.raises(DiskFullError, match=rf"only \d+ MiB are free under .*{needs}"):
+        runner.run()
+    # No trial was started for nothing: only the baseline waits, enqueued when the study was made.
+    assert [t.state for t in runner.optuna_study.get_trials()] == [TrialState.WAITING]
+    assert runner.unet_samples == 0
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_search_on_a_real_full_disk_stops_with_exit_4_and_resumes_once_there_is_room(tmp_path: Path):
+    """``--runs`` on a 20 MiB tmpfs: one trial (two renders, its card and MLflow copy) fills it."""
+    runs = tmp_path / "runs"
+    if not _mount_tmpfs(runs, "20m"):
+        pytest.skip(
+            "mounting a small tmpfs needs root (CAP_SYS_ADMIN); the injected full disk is tested above"
+        )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    try:
+        full = subprocess.run(_search_command(runs, 2), capture_output=True, text=True, env=env, timeout=600)
+        assert full.returncode == 4, full.stderr
+        last = full.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and "free some space and run the same command to resume" in last
+        assert "Traceback" not in full.stderr
+        kept = _finished(runs)
+        assert [t.state for t in kept] == [TrialState.COMPLETE]
+        folders = {p: p.read_bytes() for p in Path(kept[0].user_attrs["trial_folder"]).rglob("*.png")}
+        assert not list(runs.rglob("*.partial"))
+
+        subprocess.run(["mount", "-o", "remount,size=200m", str(runs)], check=True)  # space was freed
+        rerun = subprocess.run(_search_command(runs, 2), capture_output=True, text=True, env=env, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+        assert [t.state for t in _finished(runs)] == [TrialState.COMPLETE] * 2
+        assert {p: p.read_bytes() for p in folders} == folders
+        client, _ = mlflow_trial_runs(runs, "rotate-tiny")
+        experiment = client.get_experiment_by_name("rotate-tiny")
+        everything = client.search_runs([experiment.experiment_id])
+        assert all(r.info.status != "RUNNING" for r in everything)  # nothing of the first run looks alive
+    finally:
+        subprocess.run(["umount", "-l", str(runs)], capture_output=True)

@@ -6,8 +6,10 @@ batches, on the GPU when there is one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, unknown_name_message
@@ -29,10 +31,12 @@ from sounding_anagrams.evaluation.clip import (
     ImageTextScorer,
 )
 from sounding_anagrams.evaluation.metrics import summarize
+from sounding_anagrams.files import write_text_atomic
 from sounding_anagrams.sampler.audio import read_wav
 
 SAMPLE_RATE = 16_000
 SCORES_FILE = "scores.json"
+STALE_SCORES_FILE = "scores.stale.json"
 
 
 class RenderFolderError(SoundingAnagramsError):
@@ -116,7 +120,7 @@ def load_render_folder(folder: Path) -> Candidate:
     if not config_path.exists():
         raise RenderFolderError(f"{folder}: no config.yaml (is this a render folder written by `render`?)")
     try:
-        config = RenderConfig.from_yaml(config_path)
+        config = RenderConfig.from_yaml(config_path, field="config")
     except ConfigError as error:
         raise RenderFolderError(f"{folder}: {error}") from None
     pictures = []
@@ -126,8 +130,7 @@ def load_render_folder(folder: Path) -> Candidate:
             raise RenderFolderError(
                 f"{folder}: missing view{index}.png ({len(config.views)} views in config.yaml)"
             )
-        array = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255.0
-        pictures.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+        pictures.append(read_picture(folder, path, (config.height, config.width)))
     waves = []
     for index in range(len(config.audio_prompts)):
         path = folder / f"audio{index}.wav"
@@ -144,6 +147,27 @@ def load_render_folder(folder: Path) -> Candidate:
             raise RenderFolderError(f"{folder}: audio{index}.wav is {rate} Hz; renders are {SAMPLE_RATE} Hz")
         waves.append(wave)
     return Candidate(pictures, waves, config.image_prompts, config.audio_prompts)
+
+
+def read_picture(folder: Path, path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A view's PNG as ``(3, H, W)`` in [0, 1]; a file that is no PNG, cut short or of another size than the
+    config's canvas is a RenderFolderError (a cropped or resized picture would get a wrong score)."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                raise RenderFolderError(f"{folder}: {path.name} is a {image.format} file, not a PNG")
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as error:  # what Pillow raises for a broken or truncated file
+        reason = (
+            "is not an image" if isinstance(error, UnidentifiedImageError) else f"cannot be read ({error})"
+        )
+        raise RenderFolderError(f"{folder}: {path.name} {reason}") from None
+    if array.shape[:2] != size:
+        raise RenderFolderError(
+            f"{folder}: {path.name} is {array.shape[1]}x{array.shape[0]} pixels; config.yaml renders "
+            f"{size[1]}x{size[0]}"
+        )
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -163,13 +187,54 @@ def evaluate_folders(folders: Sequence[Path], scorers: Scorers) -> list[FolderRe
             results.append(FolderResult(Path(folder), None))
         except RenderFolderError as error:
             results.append(FolderResult(Path(folder), None, str(error)))
+    for result in results:
+        if result.error is not None:
+            set_aside_stale_scores(result)
     records = scorers.score([candidate for _, candidate in loaded])
     for (index, _), record in zip(loaded, records, strict=True):
         result = results[index]
         result.scores = record
-        payload: dict[str, Any] = {"scores": record, "judges": scorers.describe()}
-        (result.folder / SCORES_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        payload: dict[str, Any] = {
+            "scores": record,
+            "judges": scorers.describe(),
+            "inputs": input_digests(result.folder),
+        }
+        try:
+            write_text_atomic(
+                result.folder / SCORES_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n"
+            )
+        except OSError as error:  # a full disk or a read-only folder costs this folder its file, no other's
+            result.error = f"{result.folder}: {SCORES_FILE} could not be written: {error.strerror or error}"
     return results
+
+
+def input_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of each file a score was computed from: a scores.json says which files it describes."""
+    names = [
+        "config.yaml",
+        *sorted(p.name for p in folder.glob("view*.png")),
+        *sorted(p.name for p in folder.glob("audio*.wav")),
+    ]
+    return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in names}
+
+
+def set_aside_stale_scores(result: FolderResult) -> None:
+    """A folder that cannot be scored now keeps no scores.json beside it: that score described other files.
+
+    It is renamed to ``scores.stale.json`` (nothing is deleted) and the folder's error says so.
+    """
+    scores = result.folder / SCORES_FILE
+    if not scores.is_file():
+        return
+    stale = result.folder / STALE_SCORES_FILE
+    try:
+        os.replace(scores, stale)
+    except OSError as error:
+        result.error = f"{result.error}; its old {SCORES_FILE} could not be set aside: {error.strerror}"
+        return
+    result.error = (
+        f"{result.error}; its old {SCORES_FILE} no longer describes the folder: moved to {stale.name}"
+    )
 
 
 def format_table(results: Sequence[FolderResult]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 import uuid
 import warnings
@@ -33,12 +34,21 @@ from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
 from sounding_anagrams.config import RenderConfig
-from sounding_anagrams.errors import ConfigError, SoundingAnagramsError
+from sounding_anagrams.errors import (
+    ConfigError,
+    DiskFullError,
+    SoundingAnagramsError,
+    database_reason,
+    is_disk_full,
+    one_line,
+    shown_url,
+)
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.render import RenderResult, decode_candidate, render
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import StepState
 from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler
+from sounding_anagrams.search.stores import check_sqlite_file
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
 from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
 from sounding_anagrams.search.workers import this_worker, worker_is_dead
@@ -47,6 +57,8 @@ logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted"
 WORKER_DIED = "its worker died"
+DISK_FULL = "disk full"
+ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
 AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
@@ -142,6 +154,7 @@ def check_stores(settings: SearchSettings) -> None:
     """
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(settings.runs_dir / ".optuna.lock")):
+        check_sqlite_file(storage_url(settings))
         open_storage(storage_url(settings))
     uri = settings.tracking_uri or default_tracking_uri(settings.runs_dir)
     if uri.startswith(("http://", "https://")):
@@ -169,7 +182,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
             url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
         )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
-        raise ConfigError("--storage", url, f"cannot open this Optuna storage: {error}") from None
+        raise ConfigError(
+            "--storage", shown_url(url), f"cannot open this Optuna storage: {database_reason(error)}"
+        ) from None
 
 
 def suggest(trial: Trial, param: ParamSpec) -> Any:
@@ -261,6 +276,10 @@ class SearchRunner:
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
+        # What a trial takes on the disk under --runs (measured per batch) and the free space before the last.
+        self._bytes_per_trial: int | None = None
+        self._free_before: int | None = None
+        self._last_batch = 1
 
     # -- budget ----------------------------------------------------------------------------------------
 
@@ -318,16 +337,28 @@ class SearchRunner:
                     remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
                     if remaining <= 0:
                         break
+                self.check_room(min(per_call, remaining))
                 new = self.run_batch(min(per_call, remaining))
                 outcomes.extend(new)
                 bar.update(len(new))
-        except KeyboardInterrupt:
-            status = "KILLED"
+        except BaseException as error:
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            if is_disk_full(error) and not isinstance(error, SoundingAnagramsError):
+                # The database under --runs could not grow: a transaction is whole or not at all in it, so
+                # what was told before is kept.
+                raise DiskFullError(
+                    f"the disk under {self.settings.runs_dir} is full ({one_line(error)}); the trials "
+                    f"finished before are kept in {shown_url(self.storage)}: free some space and run the "
+                    "same command to resume"
+                ) from None
             raise
         finally:
             bar.close()
-            self.fail_stale_trials()  # a rerun that completes the budget leaves nothing of the dead alive
-            self.finish(status)
+            try:
+                self.fail_stale_trials()  # a rerun that completes the budget leaves nothing of the dead alive
+                self.finish(status)
+            except Exception as error:  # e.g. the disk is full: say the first error, not this one
+                logger.warning("could not close the search cleanly: %s", one_line(error))
         return SearchSummary(
             self.study_name, self.storage, outcomes, self.unet_samples, self.tracker.parent_run_id
         )
@@ -342,6 +373,34 @@ class SearchRunner:
         except Exception as error:  # pictures are a bonus; never lose the run over a plot
             logger.warning("could not draw the study pictures: %s", error)
         self.tracker.end_parent(status)
+
+    def check_room(self, trials: int) -> None:
+        """Stop before a batch that the disk under --runs has no room for: the GPU work would be lost, and the
+        databases beside the renders need room to record what is finished.
+
+        The need is measured, not guessed: the most disk space one trial took in this run (its render folder,
+        its MLflow copy and records), or before any, the largest trial folder of this study.
+        """
+        free = shutil.disk_usage(self.render_root).free
+        if self._bytes_per_trial is None:
+            folders = [p for p in self.render_root.glob("trial-*") if p.is_dir()]
+            self._bytes_per_trial = max((folder_bytes(p) for p in folders), default=0)
+        elif self._free_before is not None:
+            self._bytes_per_trial = max(self._bytes_per_trial, (self._free_before - free) // self._last_batch)
+        self._free_before, self._last_batch = free, trials
+        need = trials * self._bytes_per_trial + ROOM_FOR_STORES
+        if free < need:
+            stores = f"{ROOM_FOR_STORES // 2**20} MiB for the stores"
+            what = (
+                f"{self._bytes_per_trial / 2**20:.1f} MiB a trial, as measured, and {stores}"
+                if self._bytes_per_trial
+                else stores
+            )
+            raise DiskFullError(
+                f"only {free / 2**20:.0f} MiB are free under {self.render_root}; the next batch of "
+                f"{trials} trial(s) needs about {need / 2**20:.0f} MiB ({what}): the trials finished are "
+                f"kept in {shown_url(self.storage)}; free some space and run the same command to resume"
+            )
 
     # -- one batch -------------------------------------------------------------------------------------
 
@@ -434,6 +493,14 @@ class SearchRunner:
                     ),
                 )
         self.tell_and_log(trials, outcomes, previews, plans)
+        full = [o for o in outcomes.values() if o.reason and o.reason.startswith(DISK_FULL)]
+        if full:
+            # Every later trial would fail the same way: stop, with what was finished kept.
+            raise DiskFullError(
+                f"the disk under {self.render_root} is full (trial {full[0].number}: {full[0].reason}); the "
+                f"trials finished before are kept in {self.storage}, and the cut-short ones are done again: "
+                "free some space and run the same command to resume"
+            )
         return [outcomes[t.number] for t in trials]
 
     def render_trials(
@@ -568,6 +635,9 @@ class SearchRunner:
             failed = [(k, r) for k, r in enumerate(renders) if r.failure]
             if failed:
                 reason = "; ".join(f"seed {k} (seed={r.config.seed}): {r.failure}" for k, r in failed)
+                if any(r.write_error is not None and is_disk_full(r.write_error) for _, r in failed):
+                    # Judged nothing: like an interrupted trial it is done again once there is room.
+                    reason = f"{DISK_FULL}: {reason}"
                 outcomes[number] = TrialOutcome(
                     number, TrialState.FAIL, reason=reason, folder=folder, seeds=plan.seeds
                 )
@@ -659,7 +729,7 @@ class SearchRunner:
 def is_cut_short(trial: optuna.trial.FrozenTrial) -> bool:
     """A FAIL that judged nothing (Ctrl-C, a dead worker): it does not count against the budget."""
     reason = str(trial.user_attrs.get("fail_reason", ""))
-    return reason == INTERRUPTED or reason.startswith(WORKER_DIED)
+    return reason == INTERRUPTED or reason.startswith((WORKER_DIED, DISK_FULL))
 
 
 def study_definition(study: StudyConfig) -> dict[str, Any]:
@@ -707,6 +777,11 @@ def claim_render_root(runs_dir: Path, name: str, study: optuna.Study) -> Path:
     raise SoundingAnagramsError(
         f"{renders / name}-{uid[:12]} belongs to another study; remove it or use another --runs"
     )
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder``."""
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def aggregate(values: Sequence[float], how: str) -> float:

@@ -14,8 +14,15 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from PIL import Image, ImageDraw
 
-from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, unknown_name_message
+from sounding_anagrams.errors import (
+    ConfigError,
+    SoundingAnagramsError,
+    database_reason,
+    shown_url,
+    unknown_name_message,
+)
 from sounding_anagrams.evaluation.metrics import summarize
+from sounding_anagrams.search.stores import check_sqlite_file
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics
 
@@ -35,10 +42,13 @@ class Ranked:
 
 def load_study_from_storage(name: str, storage: str) -> optuna.Study:
     """An existing study by name; a missing one is an error listing the studies there are."""
+    check_sqlite_file(storage)
     try:
         summaries = optuna.get_all_study_summaries(storage)
     except Exception as error:
-        raise ConfigError("--storage", storage, f"cannot open this Optuna storage: {error}") from None
+        raise ConfigError(
+            "--storage", shown_url(storage), f"cannot open this Optuna storage: {database_reason(error)}"
+        ) from None
     names = [s.study_name for s in summaries]
     if name not in names:
         raise ConfigError(

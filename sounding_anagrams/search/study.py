@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError, unknown_name_message
@@ -43,6 +42,7 @@ from sounding_anagrams.evaluation.objectives import (
     metric_names,
     parse_objectives,
 )
+from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.sampler.views import PERMUTATION
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random", "grid")
@@ -189,12 +189,7 @@ class StudyConfig:
 def load_study(path: str | Path, *, tiny: bool = False) -> StudyConfig:
     path = Path(path)
     source = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("study", source, "no such file; studies live in studies/*.yaml") from None
-    except yaml.YAMLError as error:
-        raise ConfigError("study", source, f"is not valid YAML: {error}") from None
+    data = read_yaml_mapping(path, "study", hint="; studies live in studies/*.yaml")
     return parse_study(data, source=source, tiny=tiny)
 
 

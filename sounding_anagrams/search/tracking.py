@@ -23,6 +23,7 @@ from filelock import FileLock
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
+from sounding_anagrams.files import write_text_atomic
 from sounding_anagrams.search.workers import worker_is_dead
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -87,7 +88,8 @@ class Tracker:
         return self.parent_run_id
 
     def end_dead_parents(self) -> None:
-        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED."""
+        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED, and
+        their trial runs still RUNNING: FAILED."""
         runs = self.client.search_runs(
             [self.experiment_id], "tags.kind = 'search' and attributes.status = 'RUNNING'", max_results=1000
         )
@@ -96,6 +98,13 @@ class Tracker:
             worker = {"host": tags.get("host"), "pid": tags.get("pid", -1), "boot": tags.get("boot")}
             if run.info.run_id != self.parent_run_id and tags.get("pid") and worker_is_dead(worker):
                 self.client.set_terminated(run.info.run_id, status="KILLED")
+                # Its trial runs that were being logged when it died (or when its store refused a write).
+                for child in self.client.search_runs(
+                    [self.experiment_id],
+                    f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+                    max_results=1000,
+                ):
+                    self.client.set_terminated(child.info.run_id, status="FAILED")
 
     def end_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id is not None:
@@ -148,36 +157,47 @@ class Tracker:
             tags["fail_reason"] = reason[:4000]
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=tags)
         run_id = run.info.run_id
-        values: dict[str, float] = {**scores, **objectives}
-        for name in objectives:
-            per_seed = [record[name] for record in seed_objectives if name in record]
-            if per_seed:
-                values[f"{name}/min"], values[f"{name}/max"] = min(per_seed), max(per_seed)
-        for k, (record, objective) in enumerate(zip(seed_scores, seed_objectives, strict=False)):
-            values.update({f"seed{k}/{name}": value for name, value in {**objective, **record}.items()})
-        metrics = [Metric(name, float(value), 0, 0) for name, value in values.items()]
-        for step, record in previews:
-            metrics += [Metric(f"preview/{name}", float(value), 0, step) for name, value in record.items()]
-        params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
-        self.client.log_batch(run_id, metrics=metrics, params=params)
-        if folder is not None and folder.is_dir():
-            card = folder / "card.html"
-            card.write_text(
-                trial_card_html(
-                    trial_number,
-                    study,
-                    state,
-                    config or {},
-                    scores,
-                    objectives,
-                    folder,
-                    seeds=seeds,
-                    seed_objectives=seed_objectives,
-                    best_seed=best_seed,
-                ),
-                encoding="utf-8",
-            )
-            self.client.log_artifacts(run_id, str(folder))
+        try:
+            values: dict[str, float] = {**scores, **objectives}
+            for name in objectives:
+                per_seed = [record[name] for record in seed_objectives if name in record]
+                if per_seed:
+                    values[f"{name}/min"], values[f"{name}/max"] = min(per_seed), max(per_seed)
+            for k, (record, objective) in enumerate(zip(seed_scores, seed_objectives, strict=False)):
+                values.update({f"seed{k}/{name}": value for name, value in {**objective, **record}.items()})
+            metrics = [Metric(name, float(value), 0, 0) for name, value in values.items()]
+            for step, record in previews:
+                metrics += [
+                    Metric(f"preview/{name}", float(value), 0, step) for name, value in record.items()
+                ]
+            params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
+            self.client.log_batch(run_id, metrics=metrics, params=params)
+            if folder is not None and folder.is_dir():
+                card = folder / "card.html"
+                write_text_atomic(
+                    card,
+                    trial_card_html(
+                        trial_number,
+                        study,
+                        state,
+                        config or {},
+                        scores,
+                        objectives,
+                        folder,
+                        seeds=seeds,
+                        seed_objectives=seed_objectives,
+                        best_seed=best_seed,
+                    ),
+                )
+                self.client.log_artifacts(run_id, str(folder))
+        except BaseException as error:
+            # A run left RUNNING would look alive forever: end it, saying why its record is incomplete.
+            try:
+                self.client.set_tag(run_id, "logging_error", str(error)[:4000])
+                self.client.set_terminated(run_id, status="FAILED")
+            except Exception:  # the store itself is what failed (e.g. the disk is full)
+                pass
+            raise
         self.client.set_terminated(run_id, status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
         return run_id
 

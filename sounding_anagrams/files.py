@@ -1,0 +1,71 @@
+"""Reading the files a user hands the tool: each way a file can be bad becomes one sentence naming it.
+
+A study file, a ``config.yaml`` given to ``render --config`` or found by ``evaluate``, and a PNG of a render
+folder may be missing, a folder, empty, binary, cut short or not what they claim. The readers here turn each
+of those into a :class:`ConfigError` (``<field>='<path>': <what is wrong>``), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sounding_anagrams.errors import ConfigError
+
+
+def read_text(path: Path, field: str, *, hint: str = "") -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable, binary or empty file is a ConfigError."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(field, str(path), f"no such file{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(field, str(path), "is a folder, not a file") from None
+    except OSError as error:  # no permission, an I/O error of the disk
+        raise ConfigError(field, str(path), f"cannot be read: {error.strerror or error}") from None
+    if b"\x00" in raw:
+        raise ConfigError(
+            field, str(path), f"is a binary file (a NUL byte at offset {raw.index(0)}), not text"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            field, str(path), f"is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})"
+        ) from None
+    if not text.strip():
+        raise ConfigError(field, str(path), "is empty")
+    return text
+
+
+def read_yaml_mapping(path: Path, field: str, *, hint: str = "") -> Mapping[str, Any]:
+    """A YAML file that must hold a mapping of ``field: value``; anything else is a ConfigError."""
+    text = read_text(path, field, hint=hint)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(field, str(path), f"is not valid YAML{where}: {problem}") from None
+    if not isinstance(data, Mapping):
+        held = "nothing but comments" if data is None else f"a {type(data).__name__}"
+        raise ConfigError(field, str(path), f"must be a mapping of 'field: value' lines, but it holds {held}")
+    return data
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a full disk never leaves half a file behind."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
