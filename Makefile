@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_sampler.py
 	$(BIN)/python benchmarks/bench_pruning.py
 	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_pipeline.py
 
 lint: install
 	$(BIN)/ruff check sounding_anagrams tests benchmarks

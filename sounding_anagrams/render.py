@@ -5,7 +5,7 @@ A render folder holds::
     view0.png, view1.png, ...   what each view shows (SD's VAE, the view applied at 8x in pixels)
     spectrogram.png             the canvas as Auffusion's VAE decodes it, right strip cropped (what is heard)
     audio0.wav, ...             one 16 kHz WAV per audio prompt (the canvas, or the canvas under view a)
-    transition.gif              view 0 turning into view 1
+    transition.mp4              view 0 turning into view 1 and back (H.264; made for complete candidates)
     config.yaml                 re-renders exactly this candidate
     render.json                 seed, device, dtype, steps done, sample counts, file list
 """
@@ -28,18 +28,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sounding_anagrams.animation import transition_frames, write_mp4
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.sampler.audio import MelConfig, griffin_lim, image_to_log_mel, write_wav
 from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepCallback
-from sounding_anagrams.sampler.views import View
 from sounding_anagrams.sampler.vocoder import vocode
 
 logger = logging.getLogger(__name__)
 
 MEL = MelConfig()
-GIF_FRAMES = 24  # frames of the turn itself; holds at both ends are added
-GIF_MAX_SIDE = 512
+CLIP_FILE = "transition.mp4"
 
 
 @dataclass
@@ -49,7 +48,6 @@ class Decoded:
     pictures: list[torch.Tensor]
     spectrogram: torch.Tensor  # (H, W - crop_right) in [0, 1]
     waves: list[np.ndarray]  # one per audio prompt, float32 in [-1, 1]
-    transition: list[torch.Tensor]  # frames (3, H', W') in [0, 1]
 
     def non_finite(self) -> str | None:
         """What came out NaN or infinite (the VAE can overflow on a finite latent), else None."""
@@ -111,26 +109,9 @@ def spectrogram_to_wave(spectrogram: torch.Tensor, config: RenderConfig, models:
     return wave[0].float().cpu().numpy()
 
 
-def transition_frames(
-    views: Sequence[View], pixels: torch.Tensor, pictures: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Frames of view 0 turning into view 1 and back; a continuous turn where view 0 is the identity."""
-    if len(views) < 2:
-        return [pictures[0]]
-    ts = [i / (GIF_FRAMES - 1) for i in range(GIF_FRAMES)]
-    if views[0].name == "identity":
-        turn = [to_unit(views[1].animate_pixels(pixels, t))[0] for t in ts]
-    else:
-        turn = [(1 - t) * pictures[0] + t * pictures[1] for t in ts]
-    hold = 8
-    return [turn[0]] * hold + turn + [turn[-1]] * hold + turn[::-1]
-
-
 @torch.no_grad()
-def decode_candidate(
-    latent: torch.Tensor, config: RenderConfig, models: ModelBundle, *, with_transition: bool = True
-) -> Decoded:
-    """Decode one ``(4, h, w)`` latent into pictures per view, the heard canvas, sounds and the animation."""
+def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBundle) -> Decoded:
+    """Decode one ``(4, h, w)`` latent into pictures per view, the heard canvas and its sounds."""
     views = config.parsed_views()
     pixels = decode_latents(models.image, latent[None])  # (1, 3, H, W) in [-1, 1]
     pictures = [to_unit(view.view_pixels(pixels))[0] for view in views]
@@ -143,8 +124,7 @@ def decode_candidate(
         spectrogram_to_wave(to_unit(view.view_pixels(canvas))[0].mean(dim=0)[:, :width], config, models)
         for view in config.parsed_audio_views()
     ]
-    transition = transition_frames(views, pixels, pictures) if with_transition else []
-    return Decoded(pictures, spectrogram, waves, transition)
+    return Decoded(pictures, spectrogram, waves)
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
@@ -155,19 +135,27 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, mode="L")
 
 
-def write_gif(path: Path, frames: Sequence[torch.Tensor], fps: int = 12) -> None:
-    images = []
-    for frame in frames:
-        image = _to_pil(frame.mean(dim=0))  # the canvas is grayscale: an exact 256-level palette
-        scale = min(1.0, GIF_MAX_SIDE / max(image.size))
-        if scale < 1.0:
-            image = image.resize(
-                (round(image.width * scale), round(image.height * scale)), Image.Resampling.BILINEAR
-            )
-        images.append(image)
-    images[0].save(
-        path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0, optimize=False
-    )
+def write_clip(folder: Path, config: RenderConfig, pictures: Sequence[torch.Tensor]) -> Path:
+    """``transition.mp4`` of a candidate from its view pictures ``(3, H, W)`` in [0, 1] (in memory or read
+    back from its PNGs: a clip can be made again from the files alone). Written whole or not at all."""
+    path = folder / CLIP_FILE
+    partial = folder / f".{CLIP_FILE}.partial.mp4"
+    try:
+        write_mp4(partial, transition_frames(config.parsed_views(), pictures))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def read_pictures(folder: Path, count: int) -> list[torch.Tensor]:
+    """The view pictures ``view{i}.png`` of a render folder as ``(3, H, W)`` in [0, 1]."""
+    pictures = []
+    for index in range(count):
+        with Image.open(folder / f"view{index}.png") as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+        pictures.append(torch.from_numpy(array).permute(2, 0, 1).contiguous())
+    return pictures
 
 
 def write_render_folder(
@@ -211,8 +199,6 @@ def _write_files(
     for index, wave in enumerate(decoded.waves):
         files[f"audio{index}"] = folder / f"audio{index}.wav"
         write_wav(files[f"audio{index}"], wave, MEL.sample_rate)
-    files["transition"] = folder / "transition.gif"
-    write_gif(files["transition"], decoded.transition)
     files["config"] = folder / "config.yaml"
     files["config"].write_text(config.to_yaml(), encoding="utf-8")
     files["render"] = folder / "render.json"
@@ -246,6 +232,23 @@ def render(
     output: SamplerOutput = JointSampler(models, max_unet_batch=max_unet_batch)(
         configs, callback=callback, progress=progress
     )
+    results = decode_and_write(output, configs, models, folders, with_clip=True)
+    return RenderBatch(results, output.unet_calls, output.unet_samples)
+
+
+def decode_and_write(
+    output: SamplerOutput,
+    configs: Sequence[RenderConfig],
+    models: ModelBundle,
+    folders: Sequence[Path],
+    *,
+    with_clip: bool,
+) -> list[RenderResult]:
+    """The sampler's latents -> decoded candidates written to their folders (one result per config).
+
+    ``with_clip=False`` leaves the clip out: the search makes it later, for complete trials only, off the
+    sampler's path.
+    """
     results = []
     for index, (config, folder) in enumerate(zip(configs, folders, strict=True)):
         result = RenderResult(Path(folder), config, stopped=output.stopped[index])
@@ -265,6 +268,8 @@ def render(
                 }
                 result.files = write_render_folder(result.folder, config, decoded, metadata)
                 result.decoded = decoded
+                if with_clip:
+                    result.files["transition"] = write_clip(result.folder, config, decoded.pictures)
             except (RuntimeError, ValueError) as error:
                 result.failure = f"decoding failed: {error}"
             except OSError as error:
@@ -273,4 +278,4 @@ def render(
         if result.failure:
             logger.warning("candidate %d (seed %d) failed: %s", index, config.seed, result.failure)
         results.append(result)
-    return RenderBatch(results, output.unet_calls, output.unet_samples)
+    return results

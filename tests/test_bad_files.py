@@ -154,7 +154,7 @@ def test_database_errors_are_read_through_optunas_and_sqlalchemys_wrappers(tmp_p
 def _decoded() -> Decoded:
     rng = torch.Generator().manual_seed(0)
     pictures = [torch.rand(3, 64, 128, generator=rng) for _ in range(2)]
-    return Decoded(pictures, torch.rand(64, 120, generator=rng), [np.zeros(800, np.float32)], pictures)
+    return Decoded(pictures, torch.rand(64, 120, generator=rng), [np.zeros(800, np.float32)])
 
 
 def test_a_render_folder_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch):

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import yaml
@@ -39,15 +40,24 @@ def test_render_writes_every_file_a_user_needs(tmp_path: Path, capsys):
         "config.yaml",
         "render.json",
         "spectrogram.png",
-        "transition.gif",
+        "transition.mp4",
         "view0.png",
         "view1.png",
     ]
     for view in ("view0.png", "view1.png"):
         assert Image.open(out / view).size == (1024, 256)
     assert Image.open(out / "spectrogram.png").size == (1024 - 32, 256)
-    gif = Image.open(out / "transition.gif")
-    assert gif.n_frames > 20
+    with av.open(str(out / "transition.mp4")) as clip:  # H.264 at the clip's size: half the canvas
+        video = clip.streams.video[0]
+        assert (video.codec_context.name, video.width, video.height) == ("h264", 512, 128)
+        frames = [frame.to_ndarray(format="gray") for frame in clip.decode(video)]
+    assert len(frames) == 64
+    # It starts on view 0 and turns into view 1 (within H.264's loss), then holds and turns back.
+    view1 = np.asarray(Image.open(out / "view1.png").convert("L").resize((512, 128), Image.BOX), np.float32)
+    view0 = np.asarray(Image.open(out / "view0.png").convert("L").resize((512, 128), Image.BOX), np.float32)
+    middle = frames[8 + 23].astype(np.float32)
+    assert np.abs(middle - view1).mean() < 0.5 * np.abs(middle - view0).mean()
+    assert np.abs(frames[0].astype(np.float32) - view0).mean() < 12
     wave, rate = read_wav(out / "audio0.wav")
     assert rate == 16000
     assert len(wave) == (1024 - 32) * 160  # 10.24 s minus the 32-pixel crop = 9.92 s

@@ -190,6 +190,25 @@ def test_pixels_match_latent_at_8x(name: str, h: int, w: int) -> None:
 
 @each_view
 @grid
+def test_a_view_at_half_size_is_the_half_size_of_the_view(name: str, h: int, w: int) -> None:
+    """Clips are made at their output size (``cell=4`` pixels per latent cell): downscaling first and then
+    moving the pieces gives what moving them at full size and downscaling gives."""
+    view = view_on(name, h, w)
+    pixels = smooth_picture(h, w, seed=9)
+    small = F.avg_pool2d(pixels, 2)
+    at_half = view.view_pixels(small, cell=4)
+    halved = F.avg_pool2d(view.view_pixels(pixels), 2)
+    if view.kind == PERMUTATION:
+        assert torch.allclose(at_half, halved, atol=1e-5)
+    else:  # a blur of sigma*4 at half size is close to the halved blur of sigma*8
+        assert (at_half - halved).norm() < 0.05 * halved.norm()
+    frame = view.animate_pixels(small, 0.5, cell=4)
+    assert frame.shape == small.shape and bool(torch.isfinite(frame).all())
+    assert torch.allclose(view.animate_pixels(small, 1.0, cell=4), at_half)
+
+
+@each_view
+@grid
 def test_every_channel_changes(name: str, h: int, w: int) -> None:
     view = view_on(name, h, w)
     x = latent(h, w, seed=7)

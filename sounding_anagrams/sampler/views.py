@@ -72,18 +72,19 @@ def _format_spec(name: str, params: dict[str, ParamValue]) -> str:
     return f"{name}({','.join(f'{key}={value!r}' for key, value in params.items())})"
 
 
-def _latent_size_of_pixels(pixels: Tensor) -> tuple[int, int]:
-    """Latent ``(h, w)`` of a decoded picture ``(..., H, W)``; H and W must be multiples of 8."""
+def _latent_size_of_pixels(pixels: Tensor, cell: int = LATENT_SCALE) -> tuple[int, int]:
+    """Latent ``(h, w)`` of a picture ``(..., H, W)`` of ``cell`` pixels per latent cell (8: decoded size);
+    H and W must be multiples of ``cell``."""
     if pixels.dim() < 2:
         raise ConfigError("pixels", tuple(pixels.shape), "expected a picture of shape (B, C, H, W)")
     height, width = pixels.shape[-2:]
-    if height % LATENT_SCALE or width % LATENT_SCALE:
+    if cell < 1 or height % cell or width % cell:
         raise ConfigError(
             "canvas",
             f"{height}x{width}",
-            f"picture height and width must be multiples of {LATENT_SCALE} pixels (one latent cell each)",
+            f"picture height and width must be multiples of {cell} pixels (one latent cell each)",
         )
-    return height // LATENT_SCALE, width // LATENT_SCALE
+    return height // cell, width // cell
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
@@ -157,25 +158,27 @@ class View(ABC):
         """Map a noise estimate made on ``view(z)`` back onto ``z``'s frame: ``(B, C, h, w)``."""
 
     @abstractmethod
-    def view_pixels(self, pixels: Tensor) -> Tensor:
-        """The picture this view shows, from a decoded picture ``(B, C, H, W)`` in [-1, 1], ``H = 8h``."""
+    def view_pixels(self, pixels: Tensor, *, cell: int = LATENT_SCALE) -> Tensor:
+        """The picture this view shows, from a picture ``(B, C, H, W)`` in [-1, 1] of ``cell`` pixels per
+        latent cell: ``H = 8h`` as decoded, or smaller (an animation made at its output size, ``cell=4``)."""
 
-    def animate_pixels(self, pixels: Tensor, t: float) -> Tensor:
+    def animate_pixels(self, pixels: Tensor, t: float, *, cell: int = LATENT_SCALE) -> Tensor:
         """Frame ``t`` in [0, 1] of the transition from ``pixels`` (t=0) to ``view_pixels(pixels)`` (t=1).
 
-        ``pixels`` is ``(B, C, H, W)`` in [-1, 1]; the frame has the same shape. The endpoints are exact.
+        ``pixels`` is ``(B, C, H, W)`` in [-1, 1] with ``cell`` pixels per latent cell; the frame has the same
+        shape. The endpoints are exact.
         """
         if not math.isfinite(t) or not 0.0 <= t <= 1.0:
             raise ConfigError("t", t, "animation time must be in [0, 1]")
         if t == 0.0:
             return pixels.clone()
         if t == 1.0:
-            return self.view_pixels(pixels)
-        return self._animate(pixels, t)
+            return self.view_pixels(pixels, cell=cell)
+        return self._animate(pixels, t, cell)
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
         """Intermediate frame, ``0 < t < 1``; the default is a linear crossfade."""
-        return torch.lerp(pixels, self.view_pixels(pixels), t)
+        return torch.lerp(pixels, self.view_pixels(pixels, cell=cell), t)
 
 
 ViewT = TypeVar("ViewT", bound=type[View])
@@ -426,9 +429,9 @@ class _IndexView(View):
         h, w = _check_latent(x)
         return _gather(x, self._indices(h, w, 1, x.device)[1])
 
-    def view_pixels(self, pixels: Tensor) -> Tensor:
-        h, w = _latent_size_of_pixels(pixels)
-        return _gather(pixels, self._indices(h, w, LATENT_SCALE, pixels.device)[0])
+    def view_pixels(self, pixels: Tensor, *, cell: int = LATENT_SCALE) -> Tensor:
+        h, w = _latent_size_of_pixels(pixels, cell)
+        return _gather(pixels, self._indices(h, w, cell, pixels.device)[0])
 
 
 def _grid(height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -492,7 +495,7 @@ class _PieceView(_IndexView):
     def __init__(self, **params: ParamValue) -> None:
         super().__init__(**params)
         # Geometry of the last canvas animated: an animation renders many frames of one canvas.
-        self._motion_cache: dict[tuple[int, int, torch.device], tuple[_Pieces, Tensor, Tensor]] = {}
+        self._motion_cache: dict[tuple[int, int, int, torch.device], tuple[_Pieces, Tensor, Tensor]] = {}
 
     @abstractmethod
     def _pieces(self, h: int, w: int) -> _Pieces:
@@ -533,17 +536,17 @@ class _PieceView(_IndexView):
         source[forward] = torch.arange(height * width)
         return source
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
-        h, w = _latent_size_of_pixels(pixels)
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
+        h, w = _latent_size_of_pixels(pixels, cell)
         self.check_canvas(h, w)
-        height, width = h * LATENT_SCALE, w * LATENT_SCALE
-        key = (h, w, pixels.device)
+        height, width = h * cell, w * cell
+        key = (h, w, cell, pixels.device)
         if key not in self._motion_cache:
-            pieces, piece, rel = self._geometry(h, w, LATENT_SCALE, torch.float32)
+            pieces, piece, rel = self._geometry(h, w, cell, torch.float32)
             self._motion_cache = {key: (pieces, piece.to(pixels.device), rel.to(pixels.device))}
         pieces, piece, rel = self._motion_cache[key]
         # Per piece: where its centre is at time t, and how far it has turned.
-        centre = torch.lerp(pieces.src_center, pieces.dst_center, t) * LATENT_SCALE
+        centre = torch.lerp(pieces.src_center, pieces.dst_center, t) * cell
         angle = pieces.turns.double() * (t * math.pi / 2)
         per_piece = torch.stack([centre[:, 0], centre[:, 1], torch.cos(angle), torch.sin(angle)])
         c_r, c_c, cos_a, sin_a = per_piece.to(device=pixels.device, dtype=torch.float32)[:, piece]
@@ -603,10 +606,10 @@ class IdentityView(View):
     def inverse_view(self, x: Tensor) -> Tensor:
         return x.clone()
 
-    def view_pixels(self, pixels: Tensor) -> Tensor:
+    def view_pixels(self, pixels: Tensor, *, cell: int = LATENT_SCALE) -> Tensor:
         return pixels.clone()
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
         return pixels.clone()
 
 
@@ -620,7 +623,7 @@ class FlipView(_IndexView):
         rows, cols = _grid(h * scale, w * scale)
         return (h * scale - 1 - rows) * (w * scale) + cols
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
         return _squash(pixels, t, pixels.dim() - 2)
 
 
@@ -634,7 +637,7 @@ class MirrorView(_IndexView):
         rows, cols = _grid(h * scale, w * scale)
         return rows * (w * scale) + (w * scale - 1 - cols)
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
         return _squash(pixels, t, pixels.dim() - 1)
 
 
@@ -947,11 +950,11 @@ class SkewView(_IndexView):
     def _build_source(self, h: int, w: int, scale: int) -> Tensor:
         return self._source_with_shift(h, w, scale, 1.0)
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
-        h, w = _latent_size_of_pixels(pixels)
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
+        h, w = _latent_size_of_pixels(pixels, cell)
         self.check_canvas(h, w)
         # Each column slides gradually to its final shift.
-        return _gather(pixels, self._source_with_shift(h, w, LATENT_SCALE, t).to(pixels.device))
+        return _gather(pixels, self._source_with_shift(h, w, cell, t).to(pixels.device))
 
 
 @register_view
@@ -967,7 +970,7 @@ class NegateView(View):
     def inverse_view(self, x: Tensor) -> Tensor:
         return -x
 
-    def view_pixels(self, pixels: Tensor) -> Tensor:
+    def view_pixels(self, pixels: Tensor, *, cell: int = LATENT_SCALE) -> Tensor:
         return -pixels
 
 
@@ -1035,9 +1038,9 @@ class _HybridView(View):
         lo, _ = self.band
         return x.clone() if lo == 0 else gaussian_blur(x, lo * scale)
 
-    def view_pixels(self, pixels: Tensor) -> Tensor:
-        _latent_size_of_pixels(pixels)
-        return self.seen(pixels, float(LATENT_SCALE))
+    def view_pixels(self, pixels: Tensor, *, cell: int = LATENT_SCALE) -> Tensor:
+        _latent_size_of_pixels(pixels, cell)
+        return self.seen(pixels, float(cell))
 
 
 def _check_sigma(name: str, params: dict[str, ParamValue], *keys: str) -> None:
@@ -1068,9 +1071,9 @@ class LowPassView(_OneSigmaHybrid):
     def band(self) -> tuple[float, float]:
         return (self.sigma, math.inf)
 
-    def _animate(self, pixels: Tensor, t: float) -> Tensor:
+    def _animate(self, pixels: Tensor, t: float, cell: int) -> Tensor:
         # Blur growing with t: the picture seen from further and further away.
-        return gaussian_blur(pixels, t * self.sigma * LATENT_SCALE)
+        return gaussian_blur(pixels, t * self.sigma * cell)
 
 
 @register_view

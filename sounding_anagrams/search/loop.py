@@ -14,10 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import queue
 import shutil
+import sys
+import threading
 import time
 import uuid
 import warnings
@@ -44,9 +48,16 @@ from sounding_anagrams.errors import (
     shown_url,
 )
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
-from sounding_anagrams.render import RenderResult, decode_candidate, render
+from sounding_anagrams.render import (
+    CLIP_FILE,
+    RenderResult,
+    decode_and_write,
+    decode_candidate,
+    read_pictures,
+    write_clip,
+)
 from sounding_anagrams.sampler.models import ModelBundle
-from sounding_anagrams.sampler.pipeline import StepState
+from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState
 from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler
 from sounding_anagrams.search.stores import check_sqlite_file
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
@@ -79,6 +90,8 @@ class SearchSettings:
     progress: bool = True
     tracking_uri: str | None = None
     max_unet_batch: int | None = None
+    # Judge and publish batch k while batch k+1 is sampled; False runs them in series (for measurements).
+    overlap: bool = True
 
 
 @dataclass
@@ -115,6 +128,78 @@ class TrialOutcome:
         if self.reason:
             attrs["fail_reason"] = self.reason
         return attrs
+
+
+@dataclass
+class Batch:
+    """The trials of one sampler call on their way through the pipeline: asked, sampled, judged, published."""
+
+    trials: list[Trial]
+    plans: list[TrialPlan] = field(default_factory=list)
+    outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
+    previews: dict[int, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
+    output: SamplerOutput | None = None  # the sampler's latents, until judged
+    results: list[list[RenderResult]] = field(default_factory=list)  # per trial, per seed, until published
+
+
+class Stage:
+    """One background step of the search pipeline: a daemon thread working through a bounded queue.
+
+    ``put`` blocks while ``depth`` batches wait, so the sampler never runs more than that far ahead and memory
+    stays flat. The first error of ``work`` is kept in ``error`` for the main thread to raise; the stage then
+    takes no more work. A daemon thread: an abandoned stage never holds the process at exit.
+    """
+
+    def __init__(self, name: str, work: Callable[[Batch], None], *, depth: int) -> None:
+        self.name = name
+        self.work = work
+        self.error: BaseException | None = None
+        self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
+        self._working = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"search-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, batch: Batch) -> None:
+        while True:  # in short waits, so Ctrl-C reaches the main thread at once
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put(batch, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def busy(self) -> bool:
+        return self._working.is_set() or not self._queue.empty()
+
+    def wait_idle(self) -> None:
+        """Until every batch put so far is done (or the stage stopped on an error)."""
+        while self.busy() and self.error is None and self._thread.is_alive():
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        """End the thread once its queue is done, and wait for it: a thread still inside torch or FFmpeg when
+        the interpreter exits would abort the process. (After an abandon the queue is done at once.)"""
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Full):
+                self._queue.put(None, timeout=0.2)
+                break
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._queue.get()
+            if batch is None:
+                return
+            self._working.set()
+            try:
+                if self.error is None:
+                    self.work(batch)
+            except BaseException as error:
+                logger.debug("the %s stage stopped", self.name, exc_info=True)
+                self.error = error
+            finally:
+                self._working.clear()
 
 
 @dataclass
@@ -276,10 +361,12 @@ class SearchRunner:
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
-        # What a trial takes on the disk under --runs (measured per batch) and the free space before the last.
-        self._bytes_per_trial: int | None = None
-        self._free_before: int | None = None
-        self._last_batch = 1
+        self.outcomes: list[TrialOutcome] = []  # of the trials told by this run
+        # Trials asked and not yet told, by number; the lock makes each tell happen once.
+        self._untold: dict[int, Trial] = {}
+        self._tell_lock = threading.Lock()
+        self._abandon = threading.Event()
+        self._on_told: Callable[[], object] = lambda: None
 
     # -- budget ----------------------------------------------------------------------------------------
 
@@ -292,11 +379,16 @@ class SearchRunner:
         return self.settings.trials if self.settings.trials is not None else self.study.budget.trials
 
     def run(self) -> SearchSummary:
+        """Run the study's budget through the pipeline (see :class:`Stage`); returns what this run did.
+
+        The main thread asks and samples (the device's work); batch k is judged (decoded, scored, written,
+        told) and published (clip, card, MLflow) in the background while batch k+1 is sampled.
+        """
         minutes = self.settings.minutes if self.settings.minutes is not None else self.study.budget.minutes
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         target = self.target_trials()
-        batch = self.settings.batch or self.study.batch  # renders per sampler call
-        per_call = max(1, batch // self.study.seeds_per_trial)  # trials per sampler call
+        batch_size = self.settings.batch or self.study.batch  # renders per sampler call
+        per_call = max(1, batch_size // self.study.seeds_per_trial)  # trials per sampler call
         self.tracker.start_parent(
             f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
             {
@@ -304,7 +396,7 @@ class SearchRunner:
                 "objectives": [o.spec for o in self.study.objectives],
                 "sampler": self.study.sampler,
                 "pruner": self.study.pruner.type,
-                "batch": batch,
+                "batch": batch_size,
                 "seeds_per_trial": self.study.seeds_per_trial,
                 "aggregate": self.study.aggregate,
                 "trials_target": target,
@@ -313,36 +405,56 @@ class SearchRunner:
             },
             {
                 "study": self.study_name,
-                "storage": self.storage,
+                "storage": shown_url(self.storage),
                 **{k: str(v) for k, v in this_worker().items()},
             },
         )
-        outcomes: list[TrialOutcome] = []
-        done = self.finished_count()
+        self.fail_stale_trials()
+        self.reconcile_told_trials()
         bar = tqdm(
             total=target,
-            initial=min(done, target or done),
+            initial=min(self.finished_count(), target or self.finished_count()),
             desc=f"trials of {self.study_name}",
             disable=not self.settings.progress,
             unit="trial",
         )
+        self._on_told = lambda: bar.update(1)
+        self.publisher = Stage("publish", self.publish_batch, depth=2)
+        self.judge = Stage("judge", self.judge_batch, depth=1)
         status = "FINISHED"
         try:
             while time.monotonic() < deadline:
+                self.raise_stage_errors()
                 self.fail_stale_trials()
-                remaining = (target - self.finished_count()) if target is not None else per_call
+                with self._tell_lock:  # told trials are finished in the storage, the others still untold
+                    remaining = (target - self.finished_count()) if target is not None else per_call
+                    if isinstance(self.optuna_study.sampler, AskTellGridSampler):
+                        remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
+                    remaining -= len(self._untold)  # asked, still on their way through the pipeline
                 if remaining <= 0:
-                    break
-                if isinstance(self.optuna_study.sampler, AskTellGridSampler):
-                    remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
-                    if remaining <= 0:
+                    if not self._untold:
                         break
-                self.check_room(min(per_call, remaining))
-                new = self.run_batch(min(per_call, remaining))
-                outcomes.extend(new)
-                bar.update(len(new))
+                    self.judge.wait_idle()  # a trial in flight may yet fail and need a replacement
+                    continue
+                k = min(per_call, remaining)
+                self.check_room(k)
+                batch = self.ask_batch(k)
+                self.sample_batch(batch)
+                self.judge.put(batch)  # blocks while the judge is a batch behind: memory stays flat
+                if not self.settings.overlap:
+                    self.judge.wait_idle()
+                    self.publisher.wait_idle()
+            self.judge.wait_idle()
+            self.publisher.wait_idle()
+            self.raise_stage_errors()
         except BaseException as error:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            if isinstance(error, KeyboardInterrupt):
+                self.stop_on_interrupt()
+            elif isinstance(error, DiskFullError) and self.judge.error is None:
+                self.drain_quietly()  # no room for new trials: the ones sampled are still judged
+            else:
+                self.abandon("the search stopped on an error")
             if is_disk_full(error) and not isinstance(error, SoundingAnagramsError):
                 # The database under --runs could not grow: a transaction is whole or not at all in it, so
                 # what was told before is kept.
@@ -354,14 +466,72 @@ class SearchRunner:
             raise
         finally:
             bar.close()
+            self.judge.close()
+            self.publisher.close()
             try:
                 self.fail_stale_trials()  # a rerun that completes the budget leaves nothing of the dead alive
                 self.finish(status)
             except Exception as error:  # e.g. the disk is full: say the first error, not this one
                 logger.warning("could not close the search cleanly: %s", one_line(error))
         return SearchSummary(
-            self.study_name, self.storage, outcomes, self.unet_samples, self.tracker.parent_run_id
+            self.study_name, self.storage, self.outcomes, self.unet_samples, self.tracker.parent_run_id
         )
+
+    def raise_stage_errors(self) -> None:
+        """A stage's error that ends the search (a full disk, a failed store) surfaces in the main thread."""
+        for stage in (self.judge, self.publisher):
+            if stage.error is not None:
+                raise stage.error
+
+    def stop_on_interrupt(self) -> None:
+        """Ctrl-C (or SIGTERM): the trials already sampled are drained (judged, told, their files and MLflow
+        runs finished); the batch that was on the device is failed as interrupted. A second Ctrl-C abandons
+        the drain instead."""
+        print(
+            f"\ninterrupted: finishing the {len(self._untold)} trial(s) in flight that were already sampled, "
+            "and the files and MLflow runs of the trials told (Ctrl-C again abandons them)",
+            file=sys.stderr,
+        )
+        try:
+            self.judge.wait_idle()
+            self.publisher.wait_idle()
+        except KeyboardInterrupt:
+            self.abandon("abandoned on a second Ctrl-C")
+            return
+        # What is still untold never reached the judge: it was being sampled (or asked) when Ctrl-C came.
+        for trial in list(self._untold.values()):
+            outcome = TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED)
+            self.tell(trial, outcome)
+            self.log_trial(trial.number, trial._trial_id, outcome, config=trial.params)
+        print("drained: every told trial has its files and MLflow run", file=sys.stderr)
+
+    def drain_quietly(self) -> None:
+        """Finish the trials already sampled (judged, told, published); fail what never reached the judge."""
+        try:
+            self.judge.wait_idle()
+            self.publisher.wait_idle()
+        except KeyboardInterrupt:
+            self.abandon("abandoned on Ctrl-C")
+            return
+        for trial in list(self._untold.values()):
+            self.tell(trial, TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED))
+
+    def abandon(self, why: str) -> None:
+        """Stop the background stages now: untold trials are failed as interrupted; told trials whose clip or
+        MLflow run is missing are completed at the next start (:meth:`reconcile_told_trials`)."""
+        self._abandon.set()
+        untold = sorted(self._untold)
+        for trial in list(self._untold.values()):
+            try:
+                self.tell(trial, TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED))
+            except Exception as error:  # the store itself failed: the next start fails the trial
+                logger.warning("trial %d could not be told: %s", trial.number, one_line(error))
+        if untold or self.publisher.busy():
+            print(
+                f"{why}: trial(s) {untold} failed as interrupted; told trials not yet in MLflow are "
+                "completed at the next start",
+                file=sys.stderr,
+            )
 
     def finish(self, status: str) -> None:
         from sounding_anagrams.search.report import study_pictures
@@ -378,28 +548,26 @@ class SearchRunner:
         """Stop before a batch that the disk under --runs has no room for: the GPU work would be lost, and the
         databases beside the renders need room to record what is finished.
 
-        The need is measured, not guessed: the most disk space one trial took in this run (its render folder,
-        its MLflow copy and records), or before any, the largest trial folder of this study.
+        The need is measured, not guessed: the largest trial folder of this study so far (its renders and
+        clip; MLflow links to it), for this batch and the trials still in the pipeline, plus room for the
+        stores.
         """
+        per_trial = max((folder_bytes(p) for p in self.render_root.glob("trial-*") if p.is_dir()), default=0)
+        pending = len(self._untold)
+        need = (trials + pending) * per_trial + ROOM_FOR_STORES
         free = shutil.disk_usage(self.render_root).free
-        if self._bytes_per_trial is None:
-            folders = [p for p in self.render_root.glob("trial-*") if p.is_dir()]
-            self._bytes_per_trial = max((folder_bytes(p) for p in folders), default=0)
-        elif self._free_before is not None:
-            self._bytes_per_trial = max(self._bytes_per_trial, (self._free_before - free) // self._last_batch)
-        self._free_before, self._last_batch = free, trials
-        need = trials * self._bytes_per_trial + ROOM_FOR_STORES
         if free < need:
             stores = f"{ROOM_FOR_STORES // 2**20} MiB for the stores"
             what = (
-                f"{self._bytes_per_trial / 2**20:.1f} MiB a trial, as measured, and {stores}"
-                if self._bytes_per_trial
+                f"{per_trial / 2**20:.1f} MiB a trial, as written so far, and {stores}"
+                if per_trial
                 else stores
             )
             raise DiskFullError(
                 f"only {free / 2**20:.0f} MiB are free under {self.render_root}; the next batch of "
-                f"{trials} trial(s) needs about {need / 2**20:.0f} MiB ({what}): the trials finished are "
-                f"kept in {shown_url(self.storage)}; free some space and run the same command to resume"
+                f"{trials} trial(s) and the {pending} in flight need about {need / 2**20:.0f} MiB ({what}): "
+                f"the trials finished are kept in {shown_url(self.storage)}; free some space and run the "
+                "same command to resume"
             )
 
     # -- one batch -------------------------------------------------------------------------------------
@@ -449,71 +617,36 @@ class SearchRunner:
         trial.set_user_attr("seeds", seeds)
         return TrialPlan(trial, config, seeds, [config.replace(seed=seed) for seed in seeds])
 
-    def run_batch(self, k: int) -> list[TrialOutcome]:
-        """Ask k trials, render all their seeds in one batched call, score, tell and log every one."""
+    def ask_batch(self, k: int) -> Batch:
+        """Ask k trials and plan them: a knob set and its seeds each (an invalid knob set fails at once)."""
         with warnings.catch_warnings():
             # Optuna warns that heartbeats are meant for study.optimize; we send them ourselves.
             warnings.simplefilter("ignore", UserWarning)
             trials = [self.optuna_study.ask() for _ in range(k)]
         self.heartbeat(trials, force=True)
+        batch = Batch(trials)
         for trial in trials:
+            self._untold[trial.number] = trial
             trial.set_user_attr("worker", this_worker())
-        outcomes: dict[int, TrialOutcome] = {}
-        plans: list[TrialPlan] = []
-        for trial in trials:
             try:
-                plans.append(self.plan_trial(trial))
+                batch.plans.append(self.plan_trial(trial))
             except ConfigError as error:
-                outcomes[trial.number] = TrialOutcome(
+                batch.outcomes[trial.number] = TrialOutcome(
                     trial.number, TrialState.FAIL, reason=f"invalid knobs: {error}"
                 )
-        previews: dict[int, list[tuple[int, dict[str, float]]]] = {t.number: [] for t in trials}
-        try:
-            results = self.render_trials(plans, previews) if plans else []
-            self.score_and_judge(results, plans, outcomes)
-        except KeyboardInterrupt:
-            for trial in trials:
-                outcomes.setdefault(
-                    trial.number, TrialOutcome(trial.number, TrialState.FAIL, reason=INTERRUPTED)
-                )
-            self.tell_and_log(trials, outcomes, previews, plans)
-            raise
-        except (
-            Exception
-        ) as error:  # out of memory, a disk full, a judge refusing input: the batch fails, not the study
-            logger.exception("batch of trials %s failed", [t.number for t in trials])
-            for plan in plans:
-                outcomes.setdefault(
-                    plan.trial.number,
-                    TrialOutcome(
-                        plan.trial.number,
-                        TrialState.FAIL,
-                        reason=f"batch failed: {type(error).__name__}: {error}",
-                        seeds=plan.seeds,
-                    ),
-                )
-        self.tell_and_log(trials, outcomes, previews, plans)
-        full = [o for o in outcomes.values() if o.reason and o.reason.startswith(DISK_FULL)]
-        if full:
-            # Every later trial would fail the same way: stop, with what was finished kept.
-            raise DiskFullError(
-                f"the disk under {self.render_root} is full (trial {full[0].number}: {full[0].reason}); the "
-                f"trials finished before are kept in {self.storage}, and the cut-short ones are done again: "
-                "free some space and run the same command to resume"
-            )
-        return [outcomes[t.number] for t in trials]
+        batch.previews = {t.number: [] for t in trials}
+        return batch
 
-    def render_trials(
-        self,
-        plans: list[TrialPlan],
-        previews: dict[int, list[tuple[int, dict[str, float]]]],
-    ) -> list[list[RenderResult]]:
-        """Every seed of every trial in one batched sampler call; returns the renders per trial.
+    def sample_batch(self, batch: Batch) -> None:
+        """Every seed of every trial of the batch in one batched sampler call (the device's work).
 
         Previews: at a preview step all seeds of a trial are at the same stage (one knob set, one schedule);
         their objective values are aggregated like the final ones and reported once per trial, and a pruned
         trial stops all of its seeds.
         """
+        plans = batch.plans
+        if not plans:
+            return
         configs = [config for plan in plans for config in plan.configs]
         owner = [p for p, plan in enumerate(plans) for _ in plan.configs]  # render -> its trial's plan
         steps = [preview_steps(plan.config, self.study.previews) for plan in plans]
@@ -539,10 +672,7 @@ class SearchRunner:
             if not due:
                 return stop
             flat = [(p, row, c) for p, rows in due.items() for row, c in rows]
-            decoded = [
-                decode_candidate(state.pred_x0[row], configs[c], self.models, with_transition=False)
-                for _, row, c in flat
-            ]
+            decoded = [decode_candidate(state.pred_x0[row], configs[c], self.models) for _, row, c in flat]
             records = self.scorers.score(
                 [
                     self.candidate(configs[c], d.pictures, d.waves)
@@ -557,29 +687,88 @@ class SearchRunner:
                 value = aggregate(
                     [self.study.objectives[0].value(r) for r in seed_records], self.study.aggregate
                 )
-                previews[trial.number].append((percent, {**record, "objective": value}))
+                batch.previews[trial.number].append((percent, {**record, "objective": value}))
                 if single and math.isfinite(value):
                     trial.report(value, percent)
                     if trial.should_prune():
                         stop += [c for _, c in rows]
             return stop
 
-        folders = [
-            self.render_folder(plan.trial.number, k) for plan in plans for k in range(len(plan.configs))
-        ]
-        batch = render(
-            configs,
-            self.models,
-            folders,
-            callback=on_step,  # always: it also sends the heartbeats
-            progress=self.settings.progress,
-            max_unet_batch=self.settings.max_unet_batch,
-        )
-        self.unet_samples += sum(batch.unet_samples.values())
-        per_trial: list[list[RenderResult]] = [[] for _ in plans]
-        for c, result in enumerate(batch.results):
-            per_trial[owner[c]].append(result)
-        return per_trial
+        try:
+            batch.output = JointSampler(self.models, max_unet_batch=self.settings.max_unet_batch)(
+                configs,
+                callback=on_step,
+                progress=self.settings.progress,  # always: it sends the heartbeats
+            )
+            self.unet_samples += sum(batch.output.unet_samples.values())
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
+            fail_batch(batch, error)
+
+    def judge_batch(self, batch: Batch) -> None:
+        """Stage 1 (background): decode, score and write the batch's renders, then tell Optuna each trial.
+
+        The files that make a candidate (pictures, sounds, config) are written before the tell, so a trial
+        whose files could not be written is told FAIL with its reason: a told trial cannot change in Optuna.
+        """
+        if self._abandon.is_set():
+            return
+        self.heartbeat(batch.trials, force=True)
+        plans = batch.plans
+        try:
+            if batch.output is not None:
+                configs = [config for plan in plans for config in plan.configs]
+                folders = [
+                    self.render_folder(p.trial.number, k) for p in plans for k in range(len(p.configs))
+                ]
+                results = decode_and_write(batch.output, configs, self.models, folders, with_clip=False)
+                renders = iter(results)
+                batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
+                self.score_and_judge(batch.results, plans, batch.outcomes)
+        except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
+            fail_batch(batch, error)
+        batch.output = None  # the latents are no longer needed
+        for trial in batch.trials:
+            self.tell(trial, batch.outcomes[trial.number])
+        self.publisher.put(batch)
+        full = [o for o in batch.outcomes.values() if o.reason and o.reason.startswith(DISK_FULL)]
+        if full:
+            # Every later trial would fail the same way: stop, with what was finished kept.
+            raise DiskFullError(
+                f"the disk under {self.render_root} is full (trial {full[0].number}: {full[0].reason}); the "
+                f"trials finished before are kept in {shown_url(self.storage)}, and the cut-short ones are "
+                "done again: free some space and run the same command to resume"
+            )
+
+    def publish_batch(self, batch: Batch) -> None:
+        """Stage 2 (background): the clip of each complete trial's best seed, its card and its MLflow run.
+
+        These are made from what the judge wrote; an error here is logged on the trial's MLflow run and the
+        trial keeps its judged value (its pictures and sounds exist). A clip or run that a kill left missing
+        is made at the next start from the files (:meth:`reconcile_told_trials`).
+        """
+        by_number = {plan.trial.number: plan for plan in batch.plans}
+        for trial in batch.trials:
+            if self._abandon.is_set():
+                return
+            outcome = batch.outcomes[trial.number]
+            plan = by_number.get(trial.number)
+            if outcome.state == TrialState.COMPLETE and plan is not None and outcome.best_seed is not None:
+                best = batch.results[batch.plans.index(plan)][outcome.best_seed]
+                try:
+                    if best.decoded is not None:
+                        write_clip(best.folder, best.config, best.decoded.pictures)
+                except Exception as error:  # the clip is a bonus; the trial is judged
+                    logger.warning("trial %d: the clip could not be made: %s", trial.number, one_line(error))
+            self.log_trial(
+                trial.number,
+                trial._trial_id,
+                outcome,
+                config=plan.knob_set() if plan else trial.params,
+                previews=batch.previews.get(trial.number, []),
+            )
+        batch.results = []  # the decoded pictures and sounds: memory stays flat
 
     @staticmethod
     def candidate(config: RenderConfig, pictures: list[Any], waves: list[Any]) -> Candidate:
@@ -679,16 +868,12 @@ class SearchRunner:
                 outcome.reason = f"objective not finite: {missing}"
             outcomes[number] = outcome
 
-    def tell_and_log(
-        self,
-        trials: Sequence[Trial],
-        outcomes: Mapping[int, TrialOutcome],
-        previews: Mapping[int, list[tuple[int, dict[str, float]]]],
-        plans: Sequence[TrialPlan],
-    ) -> None:
-        """Tell Optuna every trial of the batch first (the storage is the record), then log them to MLflow."""
-        for trial in trials:
-            outcome = outcomes[trial.number]
+    def tell(self, trial: Trial, outcome: TrialOutcome) -> None:
+        """Tell Optuna one trial's outcome, once (the judge and an abandoning main thread may both try)."""
+        with self._tell_lock:
+            if trial.number not in self._untold:
+                return
+            self.outcomes.append(outcome)
             if outcome.reason:
                 logger.warning("trial %d failed: %s", trial.number, outcome.reason)
             try:
@@ -702,28 +887,108 @@ class SearchRunner:
                 logger.warning(
                     "trial %d could not be told (%s); the storage keeps its state", trial.number, error
                 )
-        by_number = {plan.trial.number: plan for plan in plans}
-        for trial in trials:
-            outcome = outcomes[trial.number]
-            plan = by_number.get(trial.number)
-            try:
-                self.tracker.log_trial(
-                    trial_number=trial.number,
-                    state=self.rdb.get_trial(trial._trial_id).state.name,
-                    study=self.study_name,
-                    config=plan.knob_set() if plan else trial.params,
-                    scores=outcome.scores,
-                    objectives=objective_metrics(outcome.values),
-                    previews=previews.get(trial.number, []),
-                    folder=outcome.folder,
-                    reason=outcome.reason,
-                    seeds=outcome.seeds,
-                    seed_scores=outcome.seed_scores,
-                    seed_objectives=[objective_metrics(v) for v in outcome.seed_values],
-                    best_seed=outcome.best_seed,
-                )
-            except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
-                logger.warning("trial %d was not logged to MLflow: %s", trial.number, error)
+            finally:
+                # Only now, after the tell: the budget never counts a trial twice, nor misses one. (A store
+                # that failed leaves the trial RUNNING; the next start fails it as its worker's.)
+                del self._untold[trial.number]
+            self._on_told()
+
+    def log_trial(
+        self,
+        number: int,
+        trial_id: int,
+        outcome: TrialOutcome,
+        *,
+        config: Mapping[str, Any],
+        previews: Sequence[tuple[int, Mapping[str, float]]] = (),
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """The trial's MLflow run (knobs, scores, per-seed values, previews, card and files)."""
+        try:
+            self.tracker.log_trial(
+                trial_number=number,
+                state=self.rdb.get_trial(trial_id).state.name,
+                study=self.study_name,
+                config=config,
+                scores=outcome.scores,
+                objectives=objective_metrics(outcome.values),
+                previews=previews,
+                folder=outcome.folder,
+                reason=outcome.reason,
+                seeds=outcome.seeds,
+                seed_scores=outcome.seed_scores,
+                seed_objectives=[objective_metrics(v) for v in outcome.seed_values],
+                best_seed=outcome.best_seed,
+                tags=tags,
+            )
+        except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
+            logger.warning("trial %d was not logged to MLflow: %s", number, one_line(error))
+
+    def reconcile_told_trials(self) -> None:
+        """Told trials whose clip or MLflow run a stopped search left unfinished are completed now.
+
+        Only trials whose worker is gone are touched: a dead process on this machine (its pid), or a told
+        trial older than the heartbeat grace period from elsewhere; a live worker publishes its own trials.
+        """
+        logged = self.tracker.logged_trials()
+        now = time.time()
+        for frozen in self.optuna_study.get_trials(deepcopy=False, states=FINISHED):
+            if frozen.number in logged:
+                continue
+            worker = frozen.user_attrs.get("worker")
+            completed = frozen.datetime_complete.timestamp() if frozen.datetime_complete else now
+            if worker and not worker_is_dead(worker) and now - completed < GRACE_SECONDS:
+                continue
+            outcome = outcome_of(frozen)
+            if frozen.state == TrialState.COMPLETE and outcome.best_seed is not None and outcome.folder:
+                best = outcome.folder / f"seed-{outcome.best_seed}"
+                try:
+                    if (best / "config.yaml").exists() and not (best / CLIP_FILE).exists():
+                        rendered = RenderConfig.from_yaml(best / "config.yaml")
+                        write_clip(best, rendered, read_pictures(best, len(rendered.views)))
+                except Exception as error:  # a file the dead process did not finish
+                    logger.warning("trial %d: the clip could not be made: %s", frozen.number, one_line(error))
+            knobs: dict[str, Any] = {**frozen.params, "seeds": outcome.seeds}
+            with contextlib.suppress(ConfigError):  # a study file changed since: its params are what is known
+                knobs = self.study.candidate_config(frozen.params).to_dict() | {"seeds": outcome.seeds}
+                knobs.pop("seed", None)
+            logger.warning("trial %d: completing its MLflow run, which a stopped search left", frozen.number)
+            self.log_trial(
+                frozen.number, frozen._trial_id, outcome, config=knobs, tags={"reconciled": "true"}
+            )
+
+
+def fail_batch(batch: Batch, error: Exception) -> None:
+    """Out of memory, a judge refusing input: every trial of the batch not yet judged fails, not the study."""
+    logger.exception("batch of trials %s failed", [t.number for t in batch.trials])
+    for plan in batch.plans:
+        batch.outcomes.setdefault(
+            plan.trial.number,
+            TrialOutcome(
+                plan.trial.number,
+                TrialState.FAIL,
+                reason=f"batch failed: {type(error).__name__}: {error}",
+                seeds=plan.seeds,
+            ),
+        )
+
+
+def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
+    """A told trial's outcome as its Optuna record keeps it (to complete what a stopped search left)."""
+    attrs = trial.user_attrs
+    folder = attrs.get("trial_folder")
+    return TrialOutcome(
+        trial.number,
+        trial.state,
+        list(trial.values or []),
+        dict(attrs.get("scores", {})),
+        reason=attrs.get("fail_reason"),
+        folder=Path(folder) if folder else None,
+        seeds=list(attrs.get("seeds", [])),
+        seed_values=list(attrs.get("seed_values", [])),
+        seed_scores=list(attrs.get("seed_scores", [])),
+        best_seed=attrs.get("best_seed"),
+    )
 
 
 def is_cut_short(trial: optuna.trial.FrozenTrial) -> bool:

@@ -7,11 +7,12 @@ Default store: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<runs>/mlar
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import os
 import subprocess
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -106,6 +107,32 @@ class Tracker:
                 ):
                     self.client.set_terminated(child.info.run_id, status="FAILED")
 
+    def store_artifacts(self, run_id: str, folder: Path) -> None:
+        """The trial folder as the run's artifacts, stored once.
+
+        With a local artifact store (the default, ``<runs>/mlartifacts``) the run's artifact folder is a link
+        to the trial folder: MLflow lists and serves the files from their one home, nothing is copied. With a
+        remote store (an MLflow server's proxied artifacts, S3, ...) they are uploaded: the remote copy is the
+        one a team browses, the render folder the local one.
+        """
+        uri = self.client.get_run(run_id).info.artifact_uri
+        if uri.startswith("file:"):
+            target = Path(urllib.request.url2pathname(urllib.parse.urlparse(uri).path))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+                target.rmdir()
+            target.symlink_to(folder.resolve(), target_is_directory=True)
+        else:
+            self.client.log_artifacts(run_id, str(folder))
+
+    def logged_trials(self) -> set[int]:
+        """The numbers of the trials that have an ended MLflow run in this experiment."""
+        # Trial runs carry no "kind" tag (a filter on it would drop them all): their "trial" tag tells them.
+        runs = self.client.search_runs(
+            [self.experiment_id], "attributes.status != 'RUNNING'", max_results=50000
+        )
+        return {int(run.data.tags["trial"]) for run in runs if run.data.tags.get("trial", "").isdigit()}
+
     def end_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id is not None:
             self.client.set_terminated(self.parent_run_id, status=status)
@@ -135,6 +162,7 @@ class Tracker:
         seed_scores: Sequence[Mapping[str, float]] = (),
         seed_objectives: Sequence[Mapping[str, float]] = (),
         best_seed: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> str:
         """One nested run per trial (one knob set on several seeds). Returns the run id.
 
@@ -143,19 +171,20 @@ class Tracker:
         (``seed2/objective``, ``seed2/clip/view0``), and the previews as step metrics. Artifacts: the trial
         folder (``seed-0/``, ``seed-1/``, ...) plus ``card.html``.
         """
-        tags = {
+        run_tags = {
             PARENT_TAG: self.parent_run_id or "",
             "trial": str(trial_number),
             "state": state,
             "study": study,
             "git_commit": git_commit(),
             "seeds": json.dumps(list(seeds)),
+            **(tags or {}),
         }
         if best_seed is not None:
-            tags["best_seed"] = str(best_seed)
+            run_tags["best_seed"] = str(best_seed)
         if reason:
-            tags["fail_reason"] = reason[:4000]
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=tags)
+            run_tags["fail_reason"] = reason[:4000]
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=run_tags)
         run_id = run.info.run_id
         try:
             values: dict[str, float] = {**scores, **objectives}
@@ -187,9 +216,10 @@ class Tracker:
                         seeds=seeds,
                         seed_objectives=seed_objectives,
                         best_seed=best_seed,
+                        run_id=run_id,
                     ),
                 )
-                self.client.log_artifacts(run_id, str(folder))
+                self.store_artifacts(run_id, folder)
         except BaseException as error:
             # A run left RUNNING would look alive forever: end it, saying why its record is incomplete.
             try:
@@ -212,8 +242,27 @@ def objective_metrics(values: Sequence[float]) -> dict[str, float]:
     return {f"objective{i}": value for i, value in enumerate(values)}
 
 
-def _data_uri(path: Path, mime: str) -> str:
-    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+# In MLflow's artifact viewer a card is shown from a blob: URL, where its relative links lead nowhere: this
+# script points them at the server's own artifact endpoint (``get-artifact``) for the card's run. Opened from
+# the render folder, the links are plain relative paths and the script does nothing.
+_CARD_SCRIPT = """<script>
+(function () {
+  if (location.protocol !== "blob:" && location.protocol !== "about:") return;
+  var page = (document.referrer || location.href.replace(/^blob:/, "")).split("#")[0];
+  var base = new URL(".", page);
+  document.querySelectorAll("[data-artifact]").forEach(function (el) {
+    var path = el.getAttribute("data-artifact");
+    el.src = new URL("get-artifact?path=" + encodeURIComponent(path) + "&run_uuid=" + RUN_ID, base).href;
+  });
+})();
+</script>"""
+
+
+def _media(tag: str, path: str, extra: str = "") -> str:
+    """An element showing a file of the trial folder by its relative path (see ``_CARD_SCRIPT``)."""
+    quoted = html.escape(path, quote=True)
+    close = "" if tag == "img" else f"</{tag}>"
+    return f"<{tag} src='{quoted}' data-artifact='{quoted}'{extra}>{close}"
 
 
 def trial_card_html(
@@ -228,9 +277,11 @@ def trial_card_html(
     seeds: Sequence[int] = (),
     seed_objectives: Sequence[Mapping[str, float]] = (),
     best_seed: int | None = None,
+    run_id: str = "",
 ) -> str:
-    """One self-contained page: per seed the view pictures, spectrogram and sounds (the best seed first, with
-    its animation), then the trial's scores and knob set."""
+    """One page of a few kilobytes: per seed the view pictures, spectrogram and sounds (the best seed first,
+    with its clip), then the trial's scores and knob set. The media are the trial folder's own files, linked
+    by relative path, not embedded; inside MLflow's viewer they are fetched from the run's artifacts."""
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -261,23 +312,23 @@ def trial_card_html(
                 prompt = prompts[index] if index < len(prompts) else ""
                 parts.append(
                     f"<h3>view {index}: {esc(str(views[index]))}</h3><p class='k'>{esc(prompt)}</p>"
-                    f"<img src='{_data_uri(path, 'image/png')}'>"
+                    + _media("img", f"seed-{k}/{path.name}")
                 )
-        if k == order[0] and (render / "transition.gif").exists():
-            gif = _data_uri(render / "transition.gif", "image/gif")
-            parts.append(f"<h3>transition</h3><img src='{gif}'>")
+        if k == order[0] and state == "COMPLETE":
+            clip = _media("video", f"seed-{k}/transition.mp4", " controls loop muted autoplay playsinline")
+            parts.append(f"<h3>transition</h3>{clip}")
         if (render / "spectrogram.png").exists():
-            spectrogram = _data_uri(render / "spectrogram.png", "image/png")
-            parts.append(f"<h3>spectrogram</h3><img src='{spectrogram}'>")
+            parts.append("<h3>spectrogram</h3>" + _media("img", f"seed-{k}/spectrogram.png"))
         for index, prompt in enumerate(audio_prompts):
             path = render / f"audio{index}.wav"
             if path.exists():
                 parts.append(
                     f"<h3>sound {index}</h3><p class='k'>{esc(str(prompt))}</p>"
-                    f"<audio controls src='{_data_uri(path, 'audio/wav')}'></audio>"
+                    + _media("audio", f"seed-{k}/{path.name}", " controls preload='none'")
                 )
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in {**objectives, **scores}.items())
     parts.append(f"<h2>scores (mean over seeds)</h2><table>{rows}</table>")
     rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
-    parts.append(f"<h2>knob set</h2><table>{rows}</table></body></html>")
+    parts.append(f"<h2>knob set</h2><table>{rows}</table>")
+    parts.append(_CARD_SCRIPT.replace("RUN_ID", json.dumps(run_id)) + "</body></html>")
     return "\n".join(parts)

@@ -1,0 +1,257 @@
+"""Does the device wait for the host? Per-stage times of a candidate, bytes per candidate, and the fraction of
+a 16-trial search's wall time a simulated GPU is busy, with the pipeline's overlap on and off.
+
+Part 1 (stages): the tiny models on this machine's CPU, each stage of one candidate timed by itself.
+
+Part 2 (SIMULATED DEVICE): every model forward is replaced by a stand-in that sleeps for the time an H100
+would take, computed from its work at an assumed 400 TFLOP/s dense fp16 (an H100 SXM runs near that on
+these convolutions): a UNet sample-forward of SD 1.5 / Auffusion at 256x1024 is 0.803 TFLOP (2.0 ms), a VAE
+decode of a 256x1024 canvas 1.24 TFLOP (3.1 ms), the vocoder and the CLIP/CLAP judges about 1 ms a
+candidate. A sleep frees the CPU as a CUDA kernel does; the sleeps hold one lock, as one GPU runs one kernel
+at a time. Everything else (the sampler's own arithmetic, views, files, clip encoding, Optuna, MLflow) is
+real and runs on this machine. The busy fraction is the slept time over the search's wall time.
+
+Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages]``; with CUDA present
+it also runs the real models on the GPU (``--cuda``) and prints the measured busy fraction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import optuna  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sounding_anagrams import render as render_module  # noqa: E402
+from sounding_anagrams.animation import transition_frames, write_mp4  # noqa: E402
+from sounding_anagrams.config import RenderConfig  # noqa: E402
+from sounding_anagrams.evaluation.evaluate import Candidate, Scorers  # noqa: E402
+from sounding_anagrams.sampler.models import ModelBundle, load_models  # noqa: E402
+from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
+from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
+from sounding_anagrams.search.study import load_study  # noqa: E402
+from sounding_anagrams.search.tracking import Tracker  # noqa: E402
+from tests.designed_judges import designed_judges  # noqa: E402
+
+H100_FLOPS = 400e12  # assumed dense fp16 throughput, FLOP/s
+UNET_FLOP = 0.803e12  # one UNet sample-forward at 256x1024 (SD 1.5 and Auffusion share the architecture)
+VAE_FLOP = 1.24e12  # one VAE decode of a 256x1024 canvas
+JUDGE_SECONDS = 1e-3  # vocoder + CLIP + CLAP of one candidate
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under ``folder``; links (MLflow's link to a trial folder) count nothing."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+# -- part 1: per-stage times ---------------------------------------------------------------------------
+
+
+def stage_table(models: ModelBundle, steps: int) -> None:
+    scorers = Scorers.load(models="tiny", device="cpu")
+    base = RenderConfig(
+        image_model="tiny",
+        audio_model="tiny",
+        num_inference_steps=steps,
+        views=["identity", "tile_rotate_cw"],
+        image_prompts=["a painting of a garden", "a painting of a helicopter"],
+        audio_prompts=["bird chirping"],
+    )
+    configs = [base.replace(seed=seed) for seed in range(4)]
+    times: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def clock(name: str, share: int = 1) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        times.setdefault(name, []).append((time.perf_counter() - started) / share)
+
+    with clock(f"sampler ({steps} steps, in a batch of 4)", share=4):
+        output = JointSampler(models)(configs, progress=False)
+    root = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    tracker = Tracker(root, "bench")
+    tracker.start_parent("bench", {}, {})
+    study = optuna.create_study(storage=f"sqlite:///{root / 'optuna.db'}", direction="maximize")
+    clip_bytes: dict[str, list[int]] = {"MP4": [], "GIF": []}
+    for index, config in enumerate(configs):
+        with clock("decode (2 VAEs, vocoder)"):
+            decoded = render_module.decode_candidate(output.latents[index], config, models)
+        with clock("score (CLIP, CLAP)"):
+            record = scorers.score(
+                [Candidate(decoded.pictures, decoded.waves, config.image_prompts, config.audio_prompts)]
+            )
+        folder = root / "renders" / f"trial-{index:04d}" / "seed-0"
+        with clock("files (PNG, WAV, config)"):
+            render_module.write_render_folder(folder, config, decoded, {})
+        with clock("clip frames (512x128)"):
+            frames = transition_frames(config.parsed_views(), decoded.pictures)
+        with clock("clip encode (H.264 MP4)"):
+            write_mp4(folder / "transition.mp4", frames)
+        images = [Image.fromarray(frame, mode="L") for frame in frames]
+        gif = folder.parent / "transition.gif"
+        with clock("the same frames as a GIF (for comparison)"):
+            images[0].save(gif, save_all=True, append_images=images[1:], duration=83, loop=0)
+        clip_bytes["GIF"].append(gif.stat().st_size)
+        clip_bytes["MP4"].append((folder / "transition.mp4").stat().st_size)
+        gif.unlink()
+        trial = study.ask()
+        trial.suggest_float("audio_weight", 0, 1)
+        with clock("Optuna tell (sqlite)"):
+            study.tell(trial, 0.5)
+        with clock("MLflow log_trial (card, linked artifacts)"):
+            tracker.log_trial(
+                trial_number=index,
+                state="COMPLETE",
+                study="bench",
+                config=config.to_dict(),
+                scores=record[0],
+                objectives={"objective": 0.5},
+                folder=folder.parent,
+                seeds=[config.seed],
+                seed_scores=record,
+                seed_objectives=[{"objective": 0.5}],
+                best_seed=0,
+            )
+    print("| stage, per candidate (tiny models, CPU) | seconds (median of 4) |")
+    print("|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values):.3f} |")
+    renders, mlflow = folder_bytes(root / "renders") / 4, folder_bytes(root / "mlartifacts") / 4
+    card = (root / "renders" / "trial-0000" / "card.html").stat().st_size
+    print(
+        f"\nbytes per candidate: render folder {renders / 1e6:.2f} MB (card.html {card / 1e3:.1f} kB), "
+        f"MLflow artifact store {mlflow / 1e6:.2f} MB (a link), total {(renders + mlflow) / 1e6:.2f} MB; "
+        f"clip: MP4 {statistics.median(clip_bytes['MP4']) / 1e3:.0f} kB vs GIF "
+        f"{statistics.median(clip_bytes['GIF']) / 1e3:.0f} kB of the same frames"
+    )
+
+
+# -- part 2: the simulated device ----------------------------------------------------------------------
+
+
+class SimulatedDevice:
+    """Sleeps for the H100 time of each model forward, one at a time; counts the time slept."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.busy = 0.0
+
+    @contextlib.contextmanager
+    def run(self, seconds: float) -> Iterator[None]:
+        """Hold the device for ``seconds``: the stand-in's own work (making its output) runs inside that time,
+        the rest is slept."""
+        with self.lock:
+            started = time.perf_counter()
+            yield
+            time.sleep(max(0.0, seconds - (time.perf_counter() - started)))
+            self.busy += time.perf_counter() - started
+
+
+def simulate(models: ModelBundle, device: SimulatedDevice) -> None:
+    """Swap every model forward of ``models`` for a sleeping stand-in (SIMULATION: benchmark only)."""
+
+    for model in (models.image, models.audio):
+
+        def unet_forward(sample: torch.Tensor, timestep: Any, encoder_hidden_states: Any = None, **_: Any):
+            with device.run(sample.shape[0] * UNET_FLOP / H100_FLOPS):
+                return SimpleNamespace(sample=torch.zeros_like(sample))
+
+        def vae_decode(latents: torch.Tensor, *_: Any, **__: Any):
+            with device.run(latents.shape[0] * VAE_FLOP / H100_FLOPS):
+                # A smooth random picture compresses like a real one (noise is the PNG/H.264 worst case).
+                coarse = torch.rand(latents.shape[0], 3, latents.shape[-2] // 4, latents.shape[-1] // 4)
+                pixels = F.interpolate(coarse * 2 - 1, scale_factor=32, mode="bilinear", align_corners=False)
+                return SimpleNamespace(sample=pixels.to(latents.dtype))
+
+        model.unet.forward = unet_forward  # type: ignore[method-assign]
+        model.vae.decode = vae_decode  # type: ignore[method-assign]
+
+    def vocode(generator: Any, log_mel: torch.Tensor) -> torch.Tensor:
+        with device.run(JUDGE_SECONDS / 2):
+            return torch.zeros(log_mel.shape[0], log_mel.shape[-1] * 160)
+
+    render_module.vocode = vocode  # type: ignore[assignment]
+
+
+class SleepingJudges(Scorers):
+    """The designed judges, charging the simulated device for CLIP and CLAP."""
+
+    def __init__(self, device: SimulatedDevice) -> None:
+        judges = designed_judges()
+        super().__init__(judges.clip, judges.clap, protocol=judges.protocol)
+        self.device = device
+
+    def score(self, candidates: Any) -> Any:
+        with self.device.run(len(candidates) * JUDGE_SECONDS / 2):
+            return super().score(candidates)
+
+
+def busy_fraction(trials: int, steps: int, overlap: bool) -> tuple[float, float, float]:
+    device = SimulatedDevice()
+    models = load_models("tiny", "tiny", device="cpu", dtype="float32")
+    simulate(models, device)
+    study = load_study(REPO / "studies" / "rotate.yaml")
+    study = dataclasses.replace(
+        study,
+        render=study.render.replace(image_model="tiny", audio_model="tiny", num_inference_steps=steps),
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as runs:
+        runner = SearchRunner(
+            study,
+            models,
+            SleepingJudges(device),
+            SearchSettings(runs_dir=Path(runs), trials=trials, progress=False, overlap=overlap),
+        )
+        device.busy = 0.0
+        started = time.perf_counter()
+        runner.run()
+        wall = time.perf_counter() - started
+    return device.busy / wall, device.busy, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--skip-stages", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    print(f"# bench_pipeline {datetime.date.today()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
+    if not args.skip_stages:
+        stage_table(load_models("tiny", "tiny", device="cpu", dtype="float32"), args.steps)
+    print(
+        f"\nSIMULATED DEVICE (model forwards sleep for their H100 time at {H100_FLOPS / 1e12:.0f} TFLOP/s; "
+        f"see the docstring): studies/rotate.yaml (4 seeds a trial, batch 8, previews at 40%/70%, median "
+        f"pruner), {args.trials} trials, {args.steps} steps"
+    )
+    print("| pipeline | simulated device busy | device s | wall s |")
+    print("|---|---|---|---|")
+    for overlap in (False, True):
+        fraction, busy, wall = busy_fraction(args.trials, args.steps, overlap)
+        label = "overlapped (judge and publish in the background)" if overlap else "serial (overlap off)"
+        print(f"| {label} | {100 * fraction:.1f}% | {busy:.1f} | {wall:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
