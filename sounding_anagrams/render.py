@@ -112,11 +112,29 @@ def spectrogram_to_wave(spectrogram: torch.Tensor, config: RenderConfig, models:
 @torch.no_grad()
 def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBundle) -> Decoded:
     """Decode one ``(4, h, w)`` latent into pictures per view, the heard canvas and its sounds."""
-    views = config.parsed_views()
-    pixels = decode_latents(models.image, latent[None])  # (1, 3, H, W) in [-1, 1]
-    pictures = [to_unit(view.view_pixels(pixels))[0] for view in views]
+    return decode_candidates(latent[None], [config], models)[0]
 
-    canvas = decode_latents(models.audio, latent[None])  # Auffusion's VAE: the spectrogram that becomes sound
+
+@torch.no_grad()
+def decode_candidates(
+    latents: torch.Tensor, configs: Sequence[RenderConfig], models: ModelBundle, *, vae_batch: int = 1
+) -> list[Decoded]:
+    """Decode ``(N, 4, h, w)`` latents, ``vae_batch`` of them per VAE call (batched calls are faster on a GPU
+    but not bit-identical to single ones: the files of a render are decoded one by one, previews batched)."""
+    if vae_batch < 1:
+        raise ValueError(f"vae_batch must be at least 1, but got {vae_batch=}.")
+    chunks = [latents[i : i + vae_batch] for i in range(0, latents.shape[0], vae_batch)]
+    image = torch.cat([decode_latents(models.image, chunk) for chunk in chunks])  # (N, 3, H, W) in [-1, 1]
+    # Auffusion's VAE: the spectrogram that becomes sound.
+    audio = torch.cat([decode_latents(models.audio, chunk) for chunk in chunks])
+    return [_decoded(image[k : k + 1], audio[k : k + 1], config, models) for k, config in enumerate(configs)]
+
+
+def _decoded(
+    pixels: torch.Tensor, canvas: torch.Tensor, config: RenderConfig, models: ModelBundle
+) -> Decoded:
+    """One candidate's decoded ``(1, 3, H, W)`` picture and canvas -> its pictures per view and sounds."""
+    pictures = [to_unit(view.view_pixels(pixels))[0] for view in config.parsed_views()]
     # The dark strip sits at the right of the frame the audio model denoised, so crop after the view.
     width = config.width - config.crop_right
     spectrogram = to_unit(canvas)[0].mean(dim=0)[:, :width]  # (H, W - crop) grayscale

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -130,19 +131,40 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
     assert runner.optuna_study.best_trial.number == best.number
 
 
+# A study the median pruner prunes in, whose sampler models the history from the third trial on.
+PRUNED_STUDY = {
+    **STUDY,
+    "sampler": {"type": "tpe", "n_startup_trials": 2},
+    "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+    "previews": [0.5],
+    "budget": {"trials": 8},
+    "render": {**STUDY["render"], "num_inference_steps": 6},
+}
+
+
+def trials_of(runner: SearchRunner) -> list[tuple]:
+    """What a rerun of the same study must reproduce: each trial's knobs, state, values and previews."""
+    return [
+        (t.number, t.state, t.params, t.values, t.intermediate_values)
+        for t in runner.optuna_study.get_trials()
+    ]
+
+
+@pytest.fixture(scope="module")
+def pruned_search(tiny_models, designed_scorers, tmp_path_factory) -> tuple[SearchRunner, Any, Path]:
+    """One search of PRUNED_STUDY, shared by the tests that only read it: (runner, summary, runs folder)."""
+    runs = tmp_path_factory.mktemp("pruned")
+    runner = runner_for(PRUNED_STUDY, tiny_models, designed_scorers, runs)
+    return runner, runner.run(), runs
+
+
 @pytest.mark.slow
-def test_pruned_candidates_stop_rendering_and_save_unet_work(tiny_models, designed_scorers, tmp_path: Path):
-    study = {
-        **STUDY,
-        "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
-        "previews": [0.5],
-        "budget": {"trials": 8},
-        "render": {**STUDY["render"], "num_inference_steps": 6},
-    }
-    pruned_runner = runner_for(study, tiny_models, designed_scorers, tmp_path / "pruned")
-    pruned = pruned_runner.run()
+def test_pruned_candidates_stop_rendering_and_save_unet_work(
+    tiny_models, designed_scorers, pruned_search, tmp_path: Path
+):
+    pruned_runner, pruned, pruned_runs = pruned_search
     plain = runner_for(
-        {**study, "pruner": "none", "previews": []}, tiny_models, designed_scorers, tmp_path / "plain"
+        {**PRUNED_STUDY, "pruner": "none", "previews": []}, tiny_models, designed_scorers, tmp_path / "plain"
     )
     unpruned = plain.run()
     states = [o.state for o in pruned.outcomes]
@@ -152,9 +174,9 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(tiny_models, design
             for k in range(2):  # a pruned trial stops all its seeds mid-way: none is decoded or written
                 assert not (outcome.folder / f"seed-{k}" / "view0.png").exists()
     assert pruned.unet_samples < unpruned.unet_samples
-    _, runs = mlflow_trial_runs(tmp_path / "pruned", "unit")
+    _, runs = mlflow_trial_runs(pruned_runs, "unit")
     pruned_run = next(r for r in runs if r.data.tags["state"] == "PRUNED")
-    client = MlflowClient(f"sqlite:///{tmp_path / 'pruned' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{pruned_runs / 'mlflow.db'}")
     history = client.get_metric_history(pruned_run.info.run_id, "preview/clip/view0")
     assert [m.step for m in history] == [50]  # previews are reported at the percent of the schedule
     # The value a pruner judged is the aggregate (mean) over the trial's seeds.
@@ -163,6 +185,26 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(tiny_models, design
     )
     reported = client.get_metric_history(pruned_run.info.run_id, "preview/objective")
     assert [m.value for m in reported] == pytest.approx(list(trial.intermediate_values.values()))
+
+
+@pytest.mark.slow
+def test_the_same_study_gives_the_same_trials_however_slow_the_host(
+    tiny_models, designed_scorers, pruned_search, tmp_path: Path
+):
+    """The sampler asks, and the pruner decides, knowing the same finished trials on every run: a judge thread
+    that lags far behind the device (a busy host) changes no proposal, prune or value."""
+    runner = runner_for(PRUNED_STUDY, tiny_models, designed_scorers, tmp_path)
+    judge = runner.judge_batch
+
+    def lagging_judge(batch) -> None:
+        time.sleep(3.0)
+        judge(batch)
+
+    runner.judge_batch = lagging_judge  # type: ignore[method-assign]
+    runner.run()
+    fast = trials_of(pruned_search[0])
+    assert len(fast) == 8 and {t[1] for t in fast} >= {TrialState.COMPLETE, TrialState.PRUNED}
+    assert trials_of(runner) == fast
 
 
 @pytest.mark.slow
@@ -660,17 +702,20 @@ def test_a_search_on_a_real_full_disk_stops_with_exit_4_and_resumes_once_there_i
         assert last.startswith("error: ") and "free some space and run the same command to resume" in last
         assert "Traceback" not in full.stderr
         kept = _finished(runs)
-        complete = [t for t in kept if t.state == TrialState.COMPLETE]
-        assert 1 <= len(complete) < 4
+        judged = [t for t in kept if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert 1 <= len(judged) < 4
         # Any other trial was cut short by the full disk (judged nothing, done again later).
-        assert all(t.user_attrs["fail_reason"].startswith("disk full") for t in kept if t not in complete)
+        assert all(t.user_attrs["fail_reason"].startswith("disk full") for t in kept if t not in judged)
+        complete = [t for t in judged if t.state == TrialState.COMPLETE]  # the first two are never pruned
         folders = {p: p.read_bytes() for p in Path(complete[0].user_attrs["trial_folder"]).rglob("*.png")}
+        assert folders
         assert not list(runs.rglob("*.partial"))
 
         subprocess.run(["mount", "-o", "remount,size=200m", str(runs)], check=True)  # space was freed
         rerun = subprocess.run(_search_command(runs, 4), capture_output=True, text=True, env=env, timeout=600)
         assert rerun.returncode == 0, rerun.stderr
-        assert [t.state for t in _finished(runs)].count(TrialState.COMPLETE) == 4
+        states = [t.state for t in _finished(runs)]
+        assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == 4, states
         assert {p: p.read_bytes() for p in folders} == folders
         client, _ = mlflow_trial_runs(runs, "rotate-tiny")
         experiment = client.get_experiment_by_name("rotate-tiny")

@@ -180,8 +180,11 @@ class JointSampler:
                 latents[c] = plan.scheduler.step(eps_row, t, z_row).prev_sample[0]
                 pred_x0[row] = self.predict_x0(plan.scheduler, z_row, eps_row, t)[0]
                 steps_done[c] = step + 1
-                if not torch.isfinite(latents[c]).all():
-                    failures[c] = f"non-finite latents at step {step} (timestep {t})"
+            # One check (one wait for the device) per step, not one per candidate.
+            finite = torch.isfinite(latents[active]).flatten(1).all(dim=1).tolist()
+            for c, ok in zip(active, finite, strict=True):
+                if not ok:
+                    failures[c] = f"non-finite latents at step {step} (timestep {plans[c].timesteps[step]})"
 
             # 4c. Let the caller preview and prune.
             if callback is not None:
@@ -324,7 +327,7 @@ class JointSampler:
         self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor
     ) -> torch.Tensor:
         """UNet over a batch in chunks of ``max_unet_batch``; on CUDA out of memory, halve and retry."""
-        dtype = model.unet.dtype
+        dtype = next(model.unet.parameters()).dtype  # (diffusers' .dtype walks every module, each step)
         chunk = self.max_unet_batch or x.shape[0]
         while True:
             try:

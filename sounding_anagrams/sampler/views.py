@@ -89,7 +89,8 @@ def _latent_size_of_pixels(pixels: Tensor, cell: int = LATENT_SCALE) -> tuple[in
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
     """``out[..., q] = x[..., index[q]]`` over the flattened last two dims; ``x`` is ``(..., h, w)``."""
-    return x.flatten(-2).index_select(-1, index).view(x.shape)
+    # As rows of a 2-D tensor: torch's CPU index_select along the last dim of a 3-D one is ~9x slower.
+    return x.reshape(-1, x.shape[-2] * x.shape[-1]).index_select(1, index).view(x.shape)
 
 
 def _check_latent(x: Tensor) -> tuple[int, int]:

@@ -26,6 +26,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ from sounding_anagrams.render import (
     CLIP_FILE,
     RenderResult,
     decode_and_write,
-    decode_candidate,
+    decode_candidates,
     read_pictures,
     write_clip,
 )
@@ -72,6 +73,8 @@ DISK_FULL = "disk full"
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
+PREVIEW_LAG = 0.1  # of the steps: how long a preview is scored in the background before its decision
+PREVIEW_VAE_BATCH = 4  # x0 previews per VAE call: fewer, larger device calls; GPU memory grows with it
 AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
     "mean": np.mean,
     "median": np.median,
@@ -172,9 +175,12 @@ class Stage:
     def busy(self) -> bool:
         return self._working.is_set() or not self._queue.empty()
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def wait_idle(self) -> None:
         """Until every batch put so far is done (or the stage stopped on an error)."""
-        while self.busy() and self.error is None and self._thread.is_alive():
+        while self.busy() and self.error is None and self.alive():
             time.sleep(0.05)
 
     def close(self) -> None:
@@ -200,6 +206,17 @@ class Stage:
                 self.error = error
             finally:
                 self._working.clear()
+
+
+@dataclass
+class Preview:
+    """One trial's x0 preview, scored in the background and decided at loop index ``decide_at``."""
+
+    plan: int  # index of the trial in its batch
+    percent: int  # of the schedule: what Optuna and MLflow see as the step
+    renders: list[int]  # the trial's renders in the sampler call: stopped together if pruned
+    decide_at: int
+    job: Future[dict[int, list[dict[str, float]] | None]]
 
 
 @dataclass
@@ -284,6 +301,13 @@ def suggest(trial: Trial, param: ParamSpec) -> Any:
     return trial.suggest_float(param.name, param.low, param.high, step=param.step, log=param.log)
 
 
+def decision_step(taken_at: int, steps: int) -> int:
+    """Loop index at which a preview taken at loop index ``taken_at`` prunes or not: PREVIEW_LAG of the
+    schedule later (at least one step, never past the last), while its pictures are scored off the device's
+    thread. A fixed step, not "when scored", so the same study renders the same steps on every run."""
+    return min(taken_at + max(1, round(PREVIEW_LAG * steps)), steps - 1)
+
+
 def preview_steps(config: RenderConfig, fractions: Sequence[float]) -> dict[int, int]:
     """Step (1-based: after that many steps) -> percent of the schedule, where the x0 preview is scored.
 
@@ -365,6 +389,8 @@ class SearchRunner:
         # Trials asked and not yet told, by number; the lock makes each tell happen once.
         self._untold: dict[int, Trial] = {}
         self._tell_lock = threading.Lock()
+        self._told = threading.Condition(self._tell_lock)  # notified at each tell
+        self._score_lock = threading.Lock()  # the judges are called by one thread at a time
         self._abandon = threading.Event()
         self._on_told: Callable[[], object] = lambda: None
 
@@ -421,6 +447,9 @@ class SearchRunner:
         self._on_told = lambda: bar.update(1)
         self.publisher = Stage("publish", self.publish_batch, depth=2)
         self.judge = Stage("judge", self.judge_batch, depth=1)
+        self.previewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-preview")
+        threading.Thread(target=warm_up_study_pictures, name="search-warm-up", daemon=True).start()
+        batches: list[Batch] = []  # the last two sampled
         status = "FINISHED"
         try:
             while time.monotonic() < deadline:
@@ -438,8 +467,12 @@ class SearchRunner:
                     continue
                 k = min(per_call, remaining)
                 self.check_room(k)
+                # The sampler asks knowing every batch but the one just sampled (still being judged): the
+                # same trials on every run, however fast the host (tested).
+                self.wait_told(batches[-2] if len(batches) == 2 else None)
                 batch = self.ask_batch(k)
-                self.sample_batch(batch)
+                self.sample_batch(batch, settled=batches[-1] if batches else None)
+                batches = [*batches[-1:], batch]
                 self.judge.put(batch)  # blocks while the judge is a batch behind: memory stays flat
                 if not self.settings.overlap:
                     self.judge.wait_idle()
@@ -466,6 +499,7 @@ class SearchRunner:
             raise
         finally:
             bar.close()
+            self.previewer.shutdown(wait=True, cancel_futures=True)
             self.judge.close()
             self.publisher.close()
             try:
@@ -637,12 +671,15 @@ class SearchRunner:
         batch.previews = {t.number: [] for t in trials}
         return batch
 
-    def sample_batch(self, batch: Batch) -> None:
+    def sample_batch(self, batch: Batch, settled: Batch | None = None) -> None:
         """Every seed of every trial of the batch in one batched sampler call (the device's work).
 
-        Previews: at a preview step all seeds of a trial are at the same stage (one knob set, one schedule);
-        their objective values are aggregated like the final ones and reported once per trial, and a pruned
-        trial stops all of its seeds.
+        Previews: at a preview step all seeds of a trial are at the same stage (one knob set, one schedule).
+        Their x0 pictures are decoded and scored in the background while the sampler goes on; the result is
+        taken a fixed number of steps later (:func:`decision_step`), aggregated over the seeds like the final
+        values, reported once per trial, and a pruned trial stops all of its seeds. Before the first decision
+        the ``settled`` batch (the one before) is told, so the pruner compares with the same finished trials
+        on every run, however fast the host.
         """
         plans = batch.plans
         if not plans:
@@ -651,6 +688,7 @@ class SearchRunner:
         owner = [p for p, plan in enumerate(plans) for _ in plan.configs]  # render -> its trial's plan
         steps = [preview_steps(plan.config, self.study.previews) for plan in plans]
         single = len(self.study.objectives) == 1
+        pending: list[Preview] = []  # in the order they were taken: each trial reports its percents in order
 
         def on_step(state: StepState) -> list[int]:
             self.heartbeat(
@@ -663,35 +701,23 @@ class SearchRunner:
             # fails as a whole, and its other seeds stop now instead of rendering for nothing.
             stop = [c for p, rows in rendering.items() if len(rows) < len(plans[p].configs) for _, c in rows]
             due = {
-                p: rows
+                p: [c for _, c in rows]
                 for p, rows in rendering.items()
-                if state.step + 1 in steps[p]
-                and len(rows) == len(plans[p].configs)
-                and all(bool(torch.isfinite(state.pred_x0[row]).all()) for row, _ in rows)
+                if state.step + 1 in steps[p] and len(rows) == len(plans[p].configs)
             }
-            if not due:
-                return stop
-            flat = [(p, row, c) for p, rows in due.items() for row, c in rows]
-            decoded = [decode_candidate(state.pred_x0[row], configs[c], self.models) for _, row, c in flat]
-            records = self.scorers.score(
-                [
-                    self.candidate(configs[c], d.pictures, d.waves)
-                    for (_, _, c), d in zip(flat, decoded, strict=True)
-                ]
-            )
-            for p, rows in due.items():
-                trial = plans[p].trial
-                percent = steps[p][state.step + 1]
-                seed_records = [records[i] for i, (q, _, _) in enumerate(flat) if q == p]
-                record = mean_record(seed_records)
-                value = aggregate(
-                    [self.study.objectives[0].value(r) for r in seed_records], self.study.aggregate
-                )
-                batch.previews[trial.number].append((percent, {**record, "objective": value}))
-                if single and math.isfinite(value):
-                    trial.report(value, percent)
-                    if trial.should_prune():
-                        stop += [c for _, c in rows]
+            if due:
+                x0 = {p: state.pred_x0[[row for row, _ in rendering[p]]] for p in due}
+                job = self.previewer.submit(self.score_previews, x0, {p: plans[p].configs for p in due})
+                for p, renders in due.items():
+                    length = state.num_inference_steps[rendering[p][0][0]]
+                    pending.append(
+                        Preview(p, steps[p][state.step + 1], renders, decision_step(state.step, length), job)
+                    )
+            for preview in [q for q in pending if q.decide_at <= state.step]:
+                pending.remove(preview)
+                if preview.plan in rendering and preview.plan not in {owner[c] for c in stop}:
+                    self.wait_told(settled)
+                    stop += self.decide(batch, plans[preview.plan].trial, preview, single)
             return stop
 
         try:
@@ -705,6 +731,59 @@ class SearchRunner:
             raise
         except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
             fail_batch(batch, error)
+        finally:
+            for preview in pending:  # of trials that failed before their decision: nothing to report
+                preview.job.cancel()
+
+    def score_previews(
+        self, x0: Mapping[int, torch.Tensor], configs: Mapping[int, Sequence[RenderConfig]]
+    ) -> dict[int, list[dict[str, float]] | None]:
+        """Background: per trial, its seeds' x0 ``(S, 4, h, w)`` -> their scores (None: x0 not finite)."""
+        finite = {p: bool(torch.isfinite(latents).all()) for p, latents in x0.items()}
+        flat = [(p, k) for p in x0 if finite[p] for k in range(len(configs[p]))]
+        if not flat:
+            return {p: None for p in x0}
+        decoded = decode_candidates(
+            torch.stack([x0[p][k] for p, k in flat]),
+            [configs[p][k] for p, k in flat],
+            self.models,
+            vae_batch=PREVIEW_VAE_BATCH,
+        )
+        with self._score_lock:  # the judge thread scores too; one model call at a time
+            records = self.scorers.score(
+                [
+                    self.candidate(configs[p][k], d.pictures, d.waves)
+                    for (p, k), d in zip(flat, decoded, strict=True)
+                ]
+            )
+        return {
+            p: [r for (q, _), r in zip(flat, records, strict=True) if q == p] if finite[p] else None
+            for p in x0
+        }
+
+    def decide(self, batch: Batch, trial: Trial, preview: Preview, single: bool) -> list[int]:
+        """Report one trial's preview to Optuna and MLflow; returns its renders to stop if it is pruned."""
+        seed_records = preview.job.result()[preview.plan]  # waits, if the preview is not scored yet
+        if seed_records is None:  # x0 not finite: the seed fails on its own, at its step
+            return []
+        record = mean_record(seed_records)
+        value = aggregate([self.study.objectives[0].value(r) for r in seed_records], self.study.aggregate)
+        batch.previews[trial.number].append((preview.percent, {**record, "objective": value}))
+        if single and math.isfinite(value):
+            trial.report(value, preview.percent)
+            if trial.should_prune():
+                return list(preview.renders)
+        return []
+
+    def wait_told(self, batch: Batch | None) -> None:
+        """Until every trial of ``batch`` is told (or the judge stopped). The Optuna sampler and pruner then
+        see the same finished trials on every run of a study, whatever the host's speed: same trials."""
+        if batch is None:
+            return
+        numbers = [trial.number for trial in batch.trials]
+        with self._told:
+            while any(n in self._untold for n in numbers) and self.judge.error is None and self.judge.alive():
+                self._told.wait(timeout=0.2)
 
     def judge_batch(self, batch: Batch) -> None:
         """Stage 1 (background): decode, score and write the batch's renders, then tell Optuna each trial.
@@ -840,7 +919,8 @@ class SearchRunner:
             for r in renders
             if r.decoded is not None
         ]
-        records = iter(self.scorers.score(candidates))
+        with self._score_lock:
+            records = iter(self.scorers.score(candidates))
         for plan, renders in done:
             number = plan.trial.number
             seed_scores = [next(records) for _ in renders]
@@ -891,6 +971,7 @@ class SearchRunner:
                 # Only now, after the tell: the budget never counts a trial twice, nor misses one. (A store
                 # that failed leaves the trial RUNNING; the next start fails it as its worker's.)
                 del self._untold[trial.number]
+                self._told.notify_all()
             self._on_told()
 
     def log_trial(
@@ -956,6 +1037,17 @@ class SearchRunner:
             self.log_trial(
                 frozen.number, frozen._trial_id, outcome, config=knobs, tags={"reconciled": "true"}
             )
+
+
+def warm_up_study_pictures() -> None:
+    """Import the plotting libraries of the study pictures while the device works: the end of the search,
+    when the device waits, is then only the drawing."""
+    from sounding_anagrams.search.report import import_plotting
+
+    try:
+        import_plotting()
+    except Exception:  # the pictures say why when they are drawn
+        logger.debug("the plotting libraries could not be imported", exc_info=True)
 
 
 def fail_batch(batch: Batch, error: Exception) -> None:

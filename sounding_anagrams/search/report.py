@@ -245,15 +245,22 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
     return written
 
 
-def study_pictures(
-    study: optuna.Study, config: StudyConfig, folder: Path
-) -> tuple[list[Path], dict[str, float]]:
-    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics."""
+def import_plotting() -> tuple[Any, Any]:
+    """matplotlib (headless) and Optuna's plots: seconds of imports (the search starts them early)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as optuna_plots
+
+    return plt, optuna_plots
+
+
+def study_pictures(
+    study: optuna.Study, config: StudyConfig, folder: Path
+) -> tuple[list[Path], dict[str, float]]:
+    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics."""
+    plt, optuna_plots = import_plotting()
 
     folder.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []

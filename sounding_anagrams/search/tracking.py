@@ -200,7 +200,9 @@ class Tracker:
                     Metric(f"preview/{name}", float(value), 0, step) for name, value in record.items()
                 ]
             params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
-            self.client.log_batch(run_id, metrics=metrics, params=params)
+            # MLflow's own asynchronous logging: the batch is written while the card is made and the files
+            # are linked; the run ends only once it is in the store.
+            logged = self.client.log_batch(run_id, metrics=metrics, params=params, synchronous=False)
             if folder is not None and folder.is_dir():
                 card = folder / "card.html"
                 write_text_atomic(
@@ -220,6 +222,8 @@ class Tracker:
                     ),
                 )
                 self.store_artifacts(run_id, folder)
+            if logged is not None:
+                logged.wait()
         except BaseException as error:
             # A run left RUNNING would look alive forever: end it, saying why its record is incomplete.
             try:
