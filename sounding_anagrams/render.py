@@ -7,7 +7,8 @@ A render folder holds::
     audio0.wav, ...             one 16 kHz WAV per audio prompt (the canvas, or the canvas under view a)
     transition.mp4              view 0 turning into view 1 and back (H.264; made for complete candidates)
     config.yaml                 re-renders exactly this candidate
-    render.json                 seed, device, dtype, steps done, sample counts, file list
+    render.json                 seed, device, dtype, steps done (or preview_percent: a pruned trial's x0
+                                preview), sample counts, file list
 """
 
 from __future__ import annotations

@@ -171,8 +171,16 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(
     assert TrialState.PRUNED in states, states
     for outcome in pruned.outcomes:
         if outcome.state == TrialState.PRUNED:
-            for k in range(2):  # a pruned trial stops all its seeds mid-way: none is decoded or written
-                assert not (outcome.folder / f"seed-{k}" / "view0.png").exists()
+            # A pruned trial stops all its seeds mid-way; it keeps the x0 previews it was pruned on (no clip).
+            for k in range(2):
+                render = outcome.folder / f"seed-{k}"
+                assert {"view0.png", "view1.png", "spectrogram.png", "audio0.wav", "config.yaml"} <= {
+                    p.name for p in render.iterdir()
+                }
+                assert json.loads((render / "render.json").read_text())["preview_percent"] == 50
+                assert not (render / "transition.mp4").exists()
+            card = (outcome.folder / "card.html").read_text()
+            assert "x0 previews the pruner judged" in card and card.count("<img src='seed-") == 6
     assert pruned.unet_samples < unpruned.unet_samples
     _, runs = mlflow_trial_runs(pruned_runs, "unit")
     pruned_run = next(r for r in runs if r.data.tags["state"] == "PRUNED")

@@ -51,11 +51,13 @@ from sounding_anagrams.errors import (
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.render import (
     CLIP_FILE,
+    Decoded,
     RenderResult,
     decode_and_write,
     decode_candidates,
     read_pictures,
     write_clip,
+    write_render_folder,
 )
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState
@@ -142,6 +144,8 @@ class Batch:
     outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
     previews: dict[int, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
     output: SamplerOutput | None = None  # the sampler's latents, until judged
+    # A pruned trial's last preview (percent, one Decoded per seed): the judge writes its pictures and sounds.
+    pruned_previews: dict[int, tuple[int, list[Decoded]]] = field(default_factory=dict)
     results: list[list[RenderResult]] = field(default_factory=list)  # per trial, per seed, until published
 
 
@@ -209,6 +213,14 @@ class Stage:
 
 
 @dataclass
+class ScoredPreview:
+    """A trial's x0 preview, decoded and scored: per seed its decoded pictures and sounds and its scores."""
+
+    decoded: list[Decoded]
+    records: list[dict[str, float]]
+
+
+@dataclass
 class Preview:
     """One trial's x0 preview, scored in the background and decided at loop index ``decide_at``."""
 
@@ -216,7 +228,7 @@ class Preview:
     percent: int  # of the schedule: what Optuna and MLflow see as the step
     renders: list[int]  # the trial's renders in the sampler call: stopped together if pruned
     decide_at: int
-    job: Future[dict[int, list[dict[str, float]] | None]]
+    job: Future[dict[int, ScoredPreview | None]]
 
 
 @dataclass
@@ -737,8 +749,8 @@ class SearchRunner:
 
     def score_previews(
         self, x0: Mapping[int, torch.Tensor], configs: Mapping[int, Sequence[RenderConfig]]
-    ) -> dict[int, list[dict[str, float]] | None]:
-        """Background: per trial, its seeds' x0 ``(S, 4, h, w)`` -> their scores (None: x0 not finite)."""
+    ) -> dict[int, ScoredPreview | None]:
+        """Background: per trial, its seeds' x0 ``(S, 4, h, w)`` decoded and scored (None: not finite)."""
         finite = {p: bool(torch.isfinite(latents).all()) for p, latents in x0.items()}
         flat = [(p, k) for p in x0 if finite[p] for k in range(len(configs[p]))]
         if not flat:
@@ -756,22 +768,29 @@ class SearchRunner:
                     for (p, k), d in zip(flat, decoded, strict=True)
                 ]
             )
-        return {
-            p: [r for (q, _), r in zip(flat, records, strict=True) if q == p] if finite[p] else None
-            for p in x0
+        scored: dict[int, ScoredPreview | None] = {
+            p: ScoredPreview([], []) if finite[p] else None for p in x0
         }
+        for (p, _), d, record in zip(flat, decoded, records, strict=True):
+            preview = scored[p]
+            assert preview is not None
+            preview.decoded.append(d)
+            preview.records.append(record)
+        return scored
 
     def decide(self, batch: Batch, trial: Trial, preview: Preview, single: bool) -> list[int]:
         """Report one trial's preview to Optuna and MLflow; returns its renders to stop if it is pruned."""
-        seed_records = preview.job.result()[preview.plan]  # waits, if the preview is not scored yet
-        if seed_records is None:  # x0 not finite: the seed fails on its own, at its step
+        scored = preview.job.result()[preview.plan]  # waits, if the preview is not scored yet
+        if scored is None:  # x0 not finite: the seed fails on its own, at its step
             return []
+        seed_records = scored.records
         record = mean_record(seed_records)
         value = aggregate([self.study.objectives[0].value(r) for r in seed_records], self.study.aggregate)
         batch.previews[trial.number].append((preview.percent, {**record, "objective": value}))
         if single and math.isfinite(value):
             trial.report(value, preview.percent)
             if trial.should_prune():
+                batch.pruned_previews[trial.number] = (preview.percent, scored.decoded)
                 return list(preview.renders)
         return []
 
@@ -805,6 +824,7 @@ class SearchRunner:
                 renders = iter(results)
                 batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
                 self.score_and_judge(batch.results, plans, batch.outcomes)
+                self.write_pruned_previews(batch)
         except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
             fail_batch(batch, error)
         batch.output = None  # the latents are no longer needed
@@ -819,6 +839,30 @@ class SearchRunner:
                 f"trials finished before are kept in {shown_url(self.storage)}, and the cut-short ones are "
                 "done again: free some space and run the same command to resume"
             )
+
+    def write_pruned_previews(self, batch: Batch) -> None:
+        """A pruned trial keeps the pictures and sounds it was pruned on: its seeds' x0 previews, written as
+        their render folders (``render.json`` says ``preview_percent``). A write error is only logged: the
+        trial is judged (pruned) either way."""
+        for plan, renders in zip(batch.plans, batch.results, strict=True):
+            kept = batch.pruned_previews.pop(plan.trial.number, None)
+            if kept is None or batch.outcomes[plan.trial.number].state != TrialState.PRUNED:
+                continue
+            percent, decoded = kept
+            for render, seed_decoded in zip(renders, decoded, strict=True):
+                metadata = {
+                    "seed": render.config.seed,
+                    "device": str(self.models.device),
+                    "dtype": str(self.models.dtype).removeprefix("torch."),
+                    "preview_percent": percent,
+                    "torch": torch.__version__,
+                }
+                try:
+                    write_render_folder(render.folder, render.config, seed_decoded, metadata)
+                except OSError as error:
+                    logger.warning(
+                        "trial %d: its preview could not be written: %s", plan.trial.number, one_line(error)
+                    )
 
     def publish_batch(self, batch: Batch) -> None:
         """Stage 2 (background): the clip of each complete trial's best seed, its card and its MLflow run.
