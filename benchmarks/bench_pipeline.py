@@ -7,15 +7,17 @@ Part 2 (SIMULATED DEVICE): every model forward is replaced by a stand-in that ta
 computed from its work at an assumed 400 TFLOP/s dense fp16 (an H100 SXM runs near that on these
 convolutions): a UNet sample-forward of SD 1.5 / Auffusion at 256x1024 is 0.803 TFLOP (2.0 ms), a VAE decode
 of a 256x1024 canvas 1.24 TFLOP (3.1 ms), the vocoder and the CLIP/CLAP judges about 1 ms a candidate. The
-forwards of all threads queue on one device timeline, as on one GPU, and the calling thread sleeps until its
-forward is done (a sleep frees the CPU as a CUDA kernel does). The stand-ins' outputs are made cheaply on
-the host (zeros; pictures drawn once), so "busy" is only the modelled time. Everything else (the sampler's
-own arithmetic, views, files, clip encoding, Optuna, MLflow, the designed judges' arithmetic) is real and
-runs on this machine. The busy fraction is the device time over the wall time of ``SearchRunner.run``, from
-its first line to its study pictures.
+forwards of all threads go on one device timeline, as on one GPU (see :class:`SimulatedDevice` for the two
+models of launching: the issue's "sleep until done" and CUDA's asynchronous launches with a high-priority side
+stream for the background threads). The stand-ins' outputs are made cheaply on the host (zeros; pictures
+drawn once), so "busy" is only the modelled time. Everything else (the sampler's own arithmetic, views,
+files, clip encoding, Optuna, MLflow, the designed judges' arithmetic) is real and runs on this machine. The
+busy fraction is the device time over the wall time of ``SearchRunner.run``, from its first line to its
+study pictures.
 
-Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages]``; with CUDA present
-it also runs the real models on the GPU (``--cuda``) and prints the measured busy fraction.
+Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages]``. There is no real
+GPU path yet: a measured fraction needs a GPU and full-size UNets (random weights would do), and no GPU was
+lent to the sessions that wrote this.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ from sounding_anagrams import render as render_module  # noqa: E402
 from sounding_anagrams.animation import transition_frames, write_mp4  # noqa: E402
 from sounding_anagrams.config import RenderConfig  # noqa: E402
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers  # noqa: E402
+from sounding_anagrams.sampler import pipeline as pipeline_module  # noqa: E402
 from sounding_anagrams.sampler.models import ModelBundle, load_models  # noqa: E402
 from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
+from sounding_anagrams.sampler.transfer import HostReadback  # noqa: E402
+from sounding_anagrams.search import loop as loop_module  # noqa: E402
 from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
 from sounding_anagrams.search.study import load_study  # noqa: E402
 from sounding_anagrams.search.tracking import Tracker  # noqa: E402
@@ -155,22 +160,59 @@ def stage_table(models: ModelBundle, steps: int) -> None:
 
 class SimulatedDevice:
     """One GPU's timeline (SIMULATION): a forward of ``seconds`` from any thread queues behind those already
-    running, as on one CUDA stream, and its thread sleeps until it is done (the CPU is free meanwhile). Only
-    the queued time counts as busy."""
+    queued, as on one CUDA stream. Only the queued time counts as busy.
 
-    def __init__(self) -> None:
+    ``asynchronous=False`` is the issue's model: every forward's thread sleeps until its forward is done (a
+    sleep frees the CPU, as a kernel does). ``asynchronous=True`` is how CUDA runs the sampler: a UNet
+    launch returns at once and the host goes on preparing the next step; it waits only where the real code
+    waits for the device, at a :class:`HostReadback` (the per-step flags, read one step late). Forwards whose
+    outputs the host reads at once (VAE decodes, vocoder, judges: their pictures go to files and scores) wait
+    in both; in the asynchronous model the background threads' forwards go to a high-priority side stream,
+    as the real code's do (:func:`sounding_anagrams.sampler.transfer.side_stream`).
+    """
+
+    def __init__(self, *, asynchronous: bool) -> None:
+        self.asynchronous = asynchronous
         self.lock = threading.Lock()
         self.free_at = 0.0  # perf_counter time when the forwards queued so far are done
+        self.priority_free_at = 0.0  # when the high-priority forwards queued so far are done
         self.busy = 0.0
         self.first = math.inf  # when the first forward started
+        self.side = threading.local()  # .on: this thread's forwards go to its high-priority side stream
 
-    def launch(self, seconds: float) -> None:
+    def launch(self, seconds: float, *, host_reads_now: bool = True) -> None:
+        """Queue a forward of ``seconds``. On a high-priority side stream (asynchronous model only) it starts
+        at the next kernel boundary, taken as now, and pushes the queued normal work back by as much."""
         with self.lock:
-            start = max(time.perf_counter(), self.free_at)
+            now = time.perf_counter()
+            if self.asynchronous and getattr(self.side, "on", False):
+                start = max(now, self.priority_free_at)
+                done = self.priority_free_at = start + seconds
+                self.free_at = max(self.free_at + seconds, done)
+            else:
+                start = max(now, self.free_at)
+                done = self.free_at = start + seconds
             self.first = min(self.first, start)
-            self.free_at = start + seconds
             self.busy += seconds
-            done = self.free_at
+        if host_reads_now or not self.asynchronous:
+            self.wait_until(done)
+
+    @contextlib.contextmanager
+    def side_stream(self, device: Any, after: Any = None) -> Iterator[None]:
+        """Stands in for :func:`sounding_anagrams.sampler.transfer.side_stream` (a no-op on the CPU)."""
+        self.side.on = True
+        try:
+            yield
+        finally:
+            self.side.on = False
+
+    def mark(self) -> float:
+        """When the work queued so far is done (a CUDA event recorded now)."""
+        with self.lock:
+            return self.free_at
+
+    @staticmethod
+    def wait_until(done: float) -> None:
         while (wait := done - time.perf_counter()) > 0:
             time.sleep(wait)
 
@@ -197,7 +239,7 @@ def simulate(models: ModelBundle, device: SimulatedDevice) -> None:
     for model in (models.image, models.audio):
 
         def unet_forward(sample: torch.Tensor, timestep: Any, encoder_hidden_states: Any = None, **_: Any):
-            device.launch(sample.shape[0] * UNET_FLOP / H100_FLOPS)
+            device.launch(sample.shape[0] * UNET_FLOP / H100_FLOPS, host_reads_now=False)
             return SimpleNamespace(sample=torch.zeros_like(sample))
 
         def vae_decode(latents: torch.Tensor, *_: Any, **__: Any):
@@ -213,6 +255,18 @@ def simulate(models: ModelBundle, device: SimulatedDevice) -> None:
         return torch.zeros(log_mel.shape[0], log_mel.shape[-1] * 160)
 
     render_module.vocode = vocode  # type: ignore[assignment]
+
+    class SimulatedReadback(HostReadback):
+        """The copy is done when the device's queue, as it stood at the copy, is done."""
+
+        def mark(self) -> None:
+            self.done_at = device.mark()
+
+        def wait(self) -> None:
+            device.wait_until(self.done_at)
+
+    pipeline_module.HostReadback = SimulatedReadback  # type: ignore[misc]
+    loop_module.side_stream = device.side_stream  # type: ignore[assignment]
 
 
 class SleepingJudges(Scorers):
@@ -230,11 +284,27 @@ class SleepingJudges(Scorers):
         return records
 
 
-def busy_fraction(
-    trials: int, steps: int, *, overlap: bool, batch: int | None = None
-) -> tuple[float, float, float]:
-    """(busy fraction, device seconds, wall seconds) of one search on the simulated device."""
-    device = SimulatedDevice()
+@dataclasses.dataclass
+class Busy:
+    """One search on the simulated device: its busy seconds, and where the wall time went."""
+
+    busy: float  # device seconds
+    wall: float  # the whole of SearchRunner.run
+    start: float  # before the first forward (stores, MLflow, first ask)
+    drain: float  # after the last forward (the last batch's files, clips, MLflow runs, study pictures)
+
+    @property
+    def whole(self) -> float:
+        return self.busy / self.wall
+
+    @property
+    def between(self) -> float:
+        return self.busy / (self.wall - self.start - self.drain)
+
+
+def busy_fraction(trials: int, steps: int, *, overlap: bool, asynchronous: bool) -> Busy:
+    """One search of ``trials`` trials on the simulated device."""
+    device = SimulatedDevice(asynchronous=asynchronous)
     models = load_models("tiny", "tiny", device="cpu", dtype="float32")
     simulate(models, device)
     study = load_study(REPO / "studies" / "rotate.yaml")
@@ -252,8 +322,8 @@ def busy_fraction(
         device.busy, device.first = 0.0, math.inf
         started = time.perf_counter()
         runner.run()
-        wall = time.perf_counter() - started
-    return device.busy / wall, device.busy / (device.free_at - device.first), device.busy, wall
+        ended = time.perf_counter()
+    return Busy(device.busy, ended - started, device.first - started, max(0.0, ended - device.free_at))
 
 
 def main() -> None:
@@ -272,12 +342,19 @@ def main() -> None:
         f"see the docstring): studies/rotate.yaml (4 seeds a trial, batch 8, previews at 40%/70%, median "
         f"pruner), {args.trials} trials, {args.steps} steps"
     )
-    print("| pipeline | simulated device busy | from first to last forward | device s | wall s |")
-    print("|---|---|---|---|---|")
-    for overlap in (False, True):
-        whole, between, busy, wall = busy_fraction(args.trials, args.steps, overlap=overlap)
+    print(
+        "| pipeline | launches | simulated device busy | first to last forward | device s | wall s | start s "
+        "| drain s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for overlap, asynchronous in ((False, False), (True, False), (True, True)):
+        run = busy_fraction(args.trials, args.steps, overlap=overlap, asynchronous=asynchronous)
         pipeline = "overlapped (judge, publish, previews in the background)" if overlap else "serial"
-        print(f"| {pipeline} | {100 * whole:.1f}% | {100 * between:.1f}% | {busy:.1f} | {wall:.1f} |")
+        launches = "asynchronous (CUDA)" if asynchronous else "blocking (sleep per forward)"
+        print(
+            f"| {pipeline} | {launches} | {100 * run.whole:.1f}% | {100 * run.between:.1f}% "
+            f"| {run.busy:.1f} | {run.wall:.1f} | {run.start:.1f} | {run.drain:.1f} |"
+        )
 
 
 if __name__ == "__main__":

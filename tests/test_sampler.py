@@ -234,3 +234,42 @@ def test_candidates_must_share_prompts_views_and_canvas(tiny_models):
         ValueError, match=r"max_unet_batch must be at least 2 \(one CFG pair\), but got max_unet_batch=1"
     ):
         JointSampler(tiny_models, max_unet_batch=1)
+
+
+def test_a_non_finite_candidate_fails_at_its_step_and_leaves_the_others_alone(tiny_models, monkeypatch):
+    configs = [tiny_config(seed=s, num_inference_steps=4, image_start_step=0) for s in range(3)]
+    clean = JointSampler(tiny_models)(configs, progress=False)
+    original = JointSampler.prepare_latents
+
+    def poisoned(self, configs):
+        latents = original(self, configs)
+        latents[1] = float("nan")
+        return latents
+
+    monkeypatch.setattr(JointSampler, "prepare_latents", poisoned)
+    with UNetRecorder(tiny_models) as calls:
+        output = JointSampler(tiny_models)(configs, progress=False)
+    scheduler = DDIMScheduler.from_config(tiny_models.scheduler_config)
+    scheduler.set_timesteps(4)
+    assert output.failures == {1: f"non-finite latents at step 0 (timestep {int(scheduler.timesteps[0])})"}
+    assert output.steps_done == [4, 1, 4]
+    # The flags of a step are read at the next one (the host never waits for the device): the failed
+    # candidate takes one more step in the batch, then leaves it.
+    assert calls.batches["image"] == [12, 12, 8, 8]
+    torch.testing.assert_close(output.latents[[0, 2]], clean.latents[[0, 2]])
+    assert torch.isnan(output.latents[1]).all()
+
+
+def test_dpm_solver_candidates_keep_their_own_history_in_one_batch(tiny_models):
+    """Multistep solvers are stepped per candidate from copies of one prototype: a candidate rendered next
+    to others gives what it gives alone, and a second call starts from fresh solver state."""
+    configs = [
+        tiny_config(seed=s, scheduler="dpmsolver++", num_inference_steps=4, image_start_step=0)
+        for s in range(2)
+    ]
+    sampler = JointSampler(tiny_models)
+    together = sampler(configs, progress=False).latents
+    alone = [sampler([config], progress=False).latents[0] for config in configs]
+    # (Batch sizes change the CPU kernels' rounding a little; shared solver history would change everything.)
+    torch.testing.assert_close(together, torch.stack(alone), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sampler(configs, progress=False).latents, together, rtol=0, atol=0)

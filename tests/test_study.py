@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
 from sounding_anagrams.cli import main
 from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.search.samplers import should_prune
 from sounding_anagrams.search.study import load_study, parse_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,3 +269,20 @@ def test_unknown_parameter_lists_only_searchable_knobs():
     available = str(caught.value).split("available: ")[1]
     assert "audio_weight" in available and "view_balance" in available
     assert "SHARED_FIELDS" not in available and "_KINDS" not in available and "seed," not in available
+
+
+def test_the_pruner_sees_only_the_trials_finished_when_the_batch_was_asked():
+    """A pruning decision never depends on how far the judge has got with the batch before."""
+    study = optuna.create_study(
+        direction="maximize", pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0)
+    )
+    for value in (0.8, 0.9):
+        done = study.ask()
+        done.report(value, 40)
+        study.tell(done, value)
+    trial = study.ask()
+    trial.report(0.1, 40)  # far below the median of the finished trials at that step
+    assert trial.should_prune()
+    assert should_prune(study, trial, frozenset({0, 1}))
+    # Asked before any trial was finished: it sees none of them, and is kept (n_startup_trials=1).
+    assert not should_prune(study, trial, frozenset())

@@ -15,6 +15,7 @@ The loop is written out once in ``__call__`` as numbered steps; each step is a s
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sounding_anagrams.config import RenderConfig, check_shared_fields
 from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
+from sounding_anagrams.sampler.transfer import HostReadback, upload
 from sounding_anagrams.sampler.views import View
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,10 @@ class JointSampler:
             raise ValueError(f"max_unet_batch must be at least 2 (one CFG pair), but got {max_unet_batch=}.")
         self.models = models
         self.max_unet_batch = max_unet_batch
+        # Kept between calls (a search samples batch after batch with the same prompts and schedules), so the
+        # device is not left idle while the host rebuilds them.
+        self._embeddings: dict[tuple[int, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedulers: dict[tuple[str, int], Any] = {}
 
     @torch.no_grad()
     def __call__(
@@ -137,7 +143,8 @@ class JointSampler:
             for i, v in enumerate(audio_views)
         ]
 
-        # 4. Denoise.
+        # 4. Denoise. Nothing in a step waits for the device: small tensors go up without blocking, and the
+        #    non-finite flags of step i are read at step i + 1, once that step's work is queued.
         n = len(configs)
         stopped = [False] * n
         failures: dict[int, str] = {}
@@ -145,14 +152,21 @@ class JointSampler:
         calls = {"image": 0, "audio": 0}
         samples = {"image": 0, "audio": 0}
         max_steps = max(len(p.timesteps) for p in plans)
+        device = latents.device
+        # The active candidates, and their indices on the device (None: all of them, in order).
+        rows_of: tuple[list[int], torch.Tensor | None] = ([], None)
+        # The last step's non-finite flags on their way to the host.
+        flags: tuple[int, list[int], HostReadback] | None = None
         for step in tqdm(range(max_steps), desc="denoising", disable=not progress, leave=False):
             active = [
                 c for c in range(n) if not stopped[c] and c not in failures and step < len(plans[c].timesteps)
             ]
             if not active:
                 break
-            timesteps = torch.tensor([plans[c].timesteps[step] for c in active], dtype=torch.long)
-            z = latents[active]
+            if active != rows_of[0]:  # only when a candidate stops, fails or ends: one upload
+                rows_of = (active, None if active == list(range(n)) else upload(active, device, torch.long))
+            z = latents if rows_of[1] is None else latents.index_select(0, rows_of[1])
+            step_timesteps = [plans[c].timesteps[step] for c in active]
             image_scale, audio_scale = self.term_scales([plans[c].config for c in active], step)
 
             # 4a. One UNet call per model for every active candidate x view x CFG branch.
@@ -163,41 +177,42 @@ class JointSampler:
             ):
                 guidance = [getattr(plans[c].config, f"{kind}_guidance_scale") for c in active]
                 contribution, n_samples = self.predict_noise(
-                    model, terms, active, z, timesteps, cond, uncond, scale, guidance
+                    model, terms, active, z, step_timesteps, cond, uncond, scale, guidance
                 )
                 if n_samples:
                     eps += contribution
                     calls[kind] += 1
                     samples[kind] += n_samples
 
-            # 4b. Scheduler step per candidate (each has its own schedule and solver state).
-            pred_x0 = torch.empty_like(z)
-            for row, c in enumerate(active):
-                plan = plans[c]
-                t = plan.timesteps[step]
-                z_row = z[row : row + 1]
-                eps_row = eps[row : row + 1]
-                latents[c] = plan.scheduler.step(eps_row, t, z_row).prev_sample[0]
-                pred_x0[row] = self.predict_x0(plan.scheduler, z_row, eps_row, t)[0]
+            # 4b. Scheduler step: candidates at the same stateless (DDIM) step in one call, the others each
+            #     with their own solver state.
+            z_next, pred_x0 = self.scheduler_step([plans[c] for c in active], step, z, eps)
+            if rows_of[1] is None:
+                latents = z_next
+            else:
+                latents.index_copy_(0, rows_of[1], z_next)
+            for c in active:
                 steps_done[c] = step + 1
-            # One check (one wait for the device) per step, not one per candidate.
-            finite = torch.isfinite(latents[active]).flatten(1).all(dim=1).tolist()
-            for c, ok in zip(active, finite, strict=True):
-                if not ok:
-                    failures[c] = f"non-finite latents at step {step} (timestep {plans[c].timesteps[step]})"
 
-            # 4c. Let the caller preview and prune.
+            # 4c. Read the flags of the step before (done by now), and send this step's on their way.
+            if flags is not None:
+                self.record_non_finite(flags, plans, failures, steps_done)
+            flags = (step, active, HostReadback(torch.isfinite(z_next).flatten(1).all(dim=1)))
+
+            # 4d. Let the caller preview and prune.
             if callback is not None:
                 state = StepState(
                     step,
                     active,
-                    timesteps,
-                    latents[active].clone(),
+                    torch.tensor(step_timesteps, dtype=torch.long),
+                    z_next.clone(),
                     pred_x0,
                     [len(plans[c].timesteps) for c in active],
                 )
                 for c in callback(state) or ():
                     stopped[c] = True
+        if flags is not None:
+            self.record_non_finite(flags, plans, failures, steps_done)
 
         # 5. Hand back the latents in float32 on the CPU.
         return SamplerOutput(latents.cpu(), stopped, failures, calls, samples, steps_done)
@@ -213,7 +228,16 @@ class JointSampler:
     def encode_prompts(
         self, model: DiffusionModel, prompts: list[str], negative_prompt: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompts -> ``(P, L, D)`` conditional and ``(1, L, D)`` negative-prompt embeddings."""
+        """Prompts -> ``(P, L, D)`` conditional and ``(1, L, D)`` negative-prompt embeddings (once per
+        sampler: a search's batches share them)."""
+        key = (id(model), tuple(prompts), negative_prompt)
+        if key not in self._embeddings:
+            self._embeddings[key] = self._encode_prompts(model, prompts, negative_prompt)
+        return self._embeddings[key]
+
+    def _encode_prompts(
+        self, model: DiffusionModel, prompts: list[str], negative_prompt: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         tokenizer = model.tokenizer
         tokens = tokenizer(
             [*prompts, negative_prompt],
@@ -243,11 +267,17 @@ class JointSampler:
         return torch.stack(noise).to(self.models.device)
 
     def prepare_schedules(self, configs: Sequence[RenderConfig]) -> list[_Plan]:
+        """A schedule per candidate. DDIM keeps no state between steps, so its candidates share one scheduler
+        (per number of steps); a multistep solver's history is per candidate, so each gets its own copy."""
         plans = []
         for config in configs:
-            scheduler = make_scheduler(
-                config.scheduler, self.models.scheduler_config, config.num_inference_steps
-            )
+            key = (config.scheduler, config.num_inference_steps)
+            if key not in self._schedulers:
+                self._schedulers[key] = make_scheduler(
+                    config.scheduler, self.models.scheduler_config, config.num_inference_steps
+                )
+            prototype = self._schedulers[key]
+            scheduler = prototype if config.scheduler == "ddim" else copy.deepcopy(prototype)
             # Every scheduler used here starts from unit-variance noise (init_noise_sigma == 1).
             assert float(scheduler.init_noise_sigma) == 1.0
             plans.append(_Plan(config, scheduler, [int(t) for t in scheduler.timesteps]))
@@ -279,7 +309,7 @@ class JointSampler:
         terms: Sequence[_Term],
         active: Sequence[int],
         z: torch.Tensor,
-        timesteps: torch.Tensor,
+        timesteps: Sequence[int],
         cond: torch.Tensor,
         uncond: torch.Tensor,
         scale: Sequence[float],
@@ -300,8 +330,8 @@ class JointSampler:
         if not groups:
             return torch.zeros_like(z), 0
 
-        inputs = torch.cat([term.view.view(z[rows]) for term, rows, _ in groups])
-        step_t = torch.cat([timesteps[rows] for _, rows, _ in groups]).to(device)
+        inputs = torch.cat([term.view.view(take_rows(z, rows)) for term, rows, _ in groups])
+        step_t = upload([timesteps[r] for _, rows, _ in groups for r in rows], device, torch.long)
         text = torch.cat([cond[term.prompt_index].expand(len(rows), -1, -1) for term, rows, _ in groups])
         batch = inputs.shape[0]
         noise = self.run_unet(
@@ -317,10 +347,10 @@ class JointSampler:
         for term, rows, weights in groups:
             part = slice(offset, offset + len(rows))
             offset += len(rows)
-            g = torch.tensor([guidance[r] for r in rows], device=device).view(-1, 1, 1, 1)
+            g = upload([guidance[r] for r in rows], device, torch.float32).view(-1, 1, 1, 1)
             guided = noise_uncond[part] + g * (noise_cond[part] - noise_uncond[part])
-            w = torch.tensor(weights, device=device).view(-1, 1, 1, 1)
-            out.index_add_(0, torch.tensor(rows, device=device), w * term.view.inverse_view(guided))
+            w = upload(weights, device, torch.float32).view(-1, 1, 1, 1)
+            out.index_add_(0, upload(rows, device, torch.long), w * term.view.inverse_view(guided))
         return out, 2 * batch
 
     def run_unet(
@@ -349,7 +379,64 @@ class JointSampler:
                 logger.warning("CUDA out of memory: UNet batches are now chunked to %d samples", chunk)
 
     @staticmethod
+    def scheduler_step(
+        plans: Sequence[_Plan], step: int, z: torch.Tensor, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next latents and predicted clean latents ``(n, 4, h, w)`` of the active candidates' ``plans``.
+
+        DDIM keeps no state between steps, so the candidates at the same timestep of the same schedule take
+        one call (a search's batch is usually one such group: far fewer small kernels and Python calls per
+        step). Multistep solvers keep per-candidate history and step one candidate at a time.
+        """
+        z_next, pred_x0 = torch.empty_like(z), torch.empty_like(z)
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for row, plan in enumerate(plans):
+            key: tuple[Any, ...] = (
+                ("ddim", plan.config.num_inference_steps, plan.timesteps[step])
+                if plan.config.scheduler == "ddim"
+                else ("own", row)
+            )
+            groups.setdefault(key, []).append(row)
+        for rows in groups.values():
+            plan = plans[rows[0]]
+            t = plan.timesteps[step]
+            z_rows, eps_rows = take_rows(z, rows), take_rows(eps, rows)
+            put_rows(z_next, rows, plan.scheduler.step(eps_rows, t, z_rows).prev_sample)
+            put_rows(pred_x0, rows, JointSampler.predict_x0(plan.scheduler, z_rows, eps_rows, t))
+        return z_next, pred_x0
+
+    @staticmethod
+    def record_non_finite(
+        flags: tuple[int, list[int], HostReadback],
+        plans: Sequence[_Plan],
+        failures: dict[int, str],
+        steps_done: list[int],
+    ) -> None:
+        """Fail the candidates whose latents stopped being finite at the flags' step (read one step late)."""
+        step, active, readback = flags
+        for c, ok in zip(active, readback.result().tolist(), strict=True):
+            if not ok and c not in failures:
+                failures[c] = f"non-finite latents at step {step} (timestep {plans[c].timesteps[step]})"
+                steps_done[c] = step + 1
+
+    @staticmethod
     def predict_x0(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         """Predicted clean latent of an epsilon-prediction model: ``(z - sqrt(1 - a) eps) / sqrt(a)``."""
-        alpha = scheduler.alphas_cumprod[t].to(z.device, torch.float32)
+        alpha = scheduler.alphas_cumprod[t].to(torch.float32)  # a CPU scalar: no copy to wait for
         return (z - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def take_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``x[rows]`` along dim 0: a view when the rows are consecutive, else a gather by a non-blocking index
+    (indexing a CUDA tensor with a Python list would wait for the device)."""
+    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        return x[rows[0] : rows[0] + len(rows)]
+    return x.index_select(0, upload(rows, x.device, torch.long))
+
+
+def put_rows(out: torch.Tensor, rows: Sequence[int], values: torch.Tensor) -> None:
+    """``out[rows] = values`` along dim 0, without waiting for the device (see :func:`take_rows`)."""
+    if list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        out[rows[0] : rows[0] + len(rows)] = values
+    else:
+        out.index_copy_(0, upload(rows, out.device, torch.long), values)

@@ -27,6 +27,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,17 +52,20 @@ from sounding_anagrams.errors import (
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.render import (
     CLIP_FILE,
+    WRITER_THREADS,
     Decoded,
     RenderResult,
     decode_and_write,
     decode_candidates,
+    lower_this_thread_priority,
     read_pictures,
     write_clip,
     write_render_folder,
 )
 from sounding_anagrams.sampler.models import ModelBundle
-from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState
-from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler
+from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState, take_rows
+from sounding_anagrams.sampler.transfer import ready_event, side_stream, used_on_this_stream
+from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler, should_prune
 from sounding_anagrams.search.stores import check_sqlite_file
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
 from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
@@ -140,6 +144,8 @@ class Batch:
     """The trials of one sampler call on their way through the pipeline: asked, sampled, judged, published."""
 
     trials: list[Trial]
+    # The trials finished when this batch was asked: all its pruning decisions see these and no others.
+    visible: frozenset[int] = frozenset()
     plans: list[TrialPlan] = field(default_factory=list)
     outcomes: dict[int, TrialOutcome] = field(default_factory=dict)
     previews: dict[int, list[tuple[int, dict[str, float]]]] = field(default_factory=dict)
@@ -157,9 +163,12 @@ class Stage:
     takes no more work. A daemon thread: an abandoned stage never holds the process at exit.
     """
 
-    def __init__(self, name: str, work: Callable[[Batch], None], *, depth: int) -> None:
+    def __init__(
+        self, name: str, work: Callable[[Batch], None], *, depth: int, background: bool = False
+    ) -> None:
         self.name = name
         self.work = work
+        self.background = background  # only encodes and logs: runs after the threads that feed the device
         self.error: BaseException | None = None
         self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
         self._working = threading.Event()
@@ -197,6 +206,8 @@ class Stage:
         self._thread.join()
 
     def _loop(self) -> None:
+        if self.background:
+            lower_this_thread_priority()
         while True:
             batch = self._queue.get()
             if batch is None:
@@ -395,6 +406,7 @@ class SearchRunner:
         self.optuna_study.set_user_attr("aggregate", study.aggregate)
         self.render_root = claim_render_root(settings.runs_dir, self.study_name, self.optuna_study)
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
+        self.sampler = JointSampler(models, max_unet_batch=settings.max_unet_batch)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
         self.outcomes: list[TrialOutcome] = []  # of the trials told by this run
@@ -404,6 +416,11 @@ class SearchRunner:
         self._told = threading.Condition(self._tell_lock)  # notified at each tell
         self._score_lock = threading.Lock()  # the judges are called by one thread at a time
         self._abandon = threading.Event()
+        self._stop_asking = threading.Event()
+        # Optuna warns at each ask that heartbeats are meant for study.optimize; we send them ourselves. A
+        # filter set once: catch_warnings() is process-wide, not safe on the asker thread.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
+        self.study_pictures: Future[tuple[list[Path], dict[str, float]]] | None = None
         self._on_told: Callable[[], object] = lambda: None
 
     # -- budget ----------------------------------------------------------------------------------------
@@ -427,28 +444,7 @@ class SearchRunner:
         target = self.target_trials()
         batch_size = self.settings.batch or self.study.batch  # renders per sampler call
         per_call = max(1, batch_size // self.study.seeds_per_trial)  # trials per sampler call
-        self.tracker.start_parent(
-            f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
-            {
-                "study_file": self.study.source,
-                "objectives": [o.spec for o in self.study.objectives],
-                "sampler": self.study.sampler,
-                "pruner": self.study.pruner.type,
-                "batch": batch_size,
-                "seeds_per_trial": self.study.seeds_per_trial,
-                "aggregate": self.study.aggregate,
-                "trials_target": target,
-                "space": [p.name for p in self.study.space],
-                **self.study.render.to_dict(),
-            },
-            {
-                "study": self.study_name,
-                "storage": shown_url(self.storage),
-                **{k: str(v) for k, v in this_worker().items()},
-            },
-        )
         self.fail_stale_trials()
-        self.reconcile_told_trials()
         bar = tqdm(
             total=target,
             initial=min(self.finished_count(), target or self.finished_count()),
@@ -457,43 +453,62 @@ class SearchRunner:
             unit="trial",
         )
         self._on_told = lambda: bar.update(1)
-        self.publisher = Stage("publish", self.publish_batch, depth=2)
+        self.publisher = Stage("publish", self.publish_batch, depth=2, background=True)
         self.judge = Stage("judge", self.judge_batch, depth=1)
         self.previewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-preview")
         threading.Thread(target=warm_up_study_pictures, name="search-warm-up", daemon=True).start()
         batches: list[Batch] = []  # the last two sampled
         status = "FINISHED"
+        # The next batch is asked in the background while this one samples, as soon as the one before is
+        # told: the device goes from batch to batch without waiting for Optuna.
+        self.asker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-ask")
         try:
-            while time.monotonic() < deadline:
+            # The first batch is asked while the search's MLflow run starts.
+            upcoming = self.asker.submit(self.next_batch, None, deadline, target, per_call)
+            self.tracker.start_parent(
+                f"search {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                {
+                    "study_file": self.study.source,
+                    "objectives": [o.spec for o in self.study.objectives],
+                    "sampler": self.study.sampler,
+                    "pruner": self.study.pruner.type,
+                    "batch": batch_size,
+                    "seeds_per_trial": self.study.seeds_per_trial,
+                    "aggregate": self.study.aggregate,
+                    "trials_target": target,
+                    "space": [p.name for p in self.study.space],
+                    **self.study.render.to_dict(),
+                },
+                {
+                    "study": self.study_name,
+                    "storage": shown_url(self.storage),
+                    **{k: str(v) for k, v in this_worker().items()},
+                },
+            )
+            self.reconcile_told_trials()
+            while True:
                 self.raise_stage_errors()
-                self.fail_stale_trials()
-                with self._tell_lock:  # told trials are finished in the storage, the others still untold
-                    remaining = (target - self.finished_count()) if target is not None else per_call
-                    if isinstance(self.optuna_study.sampler, AskTellGridSampler):
-                        remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
-                    remaining -= len(self._untold)  # asked, still on their way through the pipeline
-                if remaining <= 0:
-                    if not self._untold:
-                        break
-                    self.judge.wait_idle()  # a trial in flight may yet fail and need a replacement
-                    continue
-                k = min(per_call, remaining)
-                self.check_room(k)
-                # The sampler asks knowing every batch but the one just sampled (still being judged): the
-                # same trials on every run, however fast the host (tested).
-                self.wait_told(batches[-2] if len(batches) == 2 else None)
-                batch = self.ask_batch(k)
-                self.sample_batch(batch, settled=batches[-1] if batches else None)
+                batch = self.await_job(upcoming)
+                if batch is None:
+                    break
+                settled = batches[-1] if batches else None
+                upcoming = self.asker.submit(self.next_batch, settled, deadline, target, per_call)
+                self.sample_batch(batch)
                 batches = [*batches[-1:], batch]
                 self.judge.put(batch)  # blocks while the judge is a batch behind: memory stays flat
                 if not self.settings.overlap:
                     self.judge.wait_idle()
                     self.publisher.wait_idle()
             self.judge.wait_idle()
-            self.publisher.wait_idle()
+            self.raise_stage_errors()
+            # Every trial is told: the study pictures are drawn while the publisher finishes the last runs.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-pictures") as pictures:
+                self.study_pictures = pictures.submit(self.draw_study_pictures)
+                self.publisher.wait_idle()
             self.raise_stage_errors()
         except BaseException as error:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self.stop_asking()
             if isinstance(error, KeyboardInterrupt):
                 self.stop_on_interrupt()
             elif isinstance(error, DiskFullError) and self.judge.error is None:
@@ -511,6 +526,7 @@ class SearchRunner:
             raise
         finally:
             bar.close()
+            self.stop_asking()
             self.previewer.shutdown(wait=True, cancel_futures=True)
             self.judge.close()
             self.publisher.close()
@@ -522,6 +538,47 @@ class SearchRunner:
         return SearchSummary(
             self.study_name, self.storage, self.outcomes, self.unet_samples, self.tracker.parent_run_id
         )
+
+    def next_batch(
+        self, settled: Batch | None, deadline: float, target: int | None, per_call: int
+    ) -> Batch | None:
+        """The next batch to sample (None: the budget or the time is spent), asked once ``settled`` (the
+        batch before the one sampling now) is told: the sampler then knows the same finished trials on every
+        run of a study, however fast the host (tested). Runs on the asker thread."""
+        self.wait_told(settled, stop=self._stop_asking)
+        while time.monotonic() < deadline and not self._stop_asking.is_set():
+            self.fail_stale_trials()
+            with self._tell_lock:  # told trials are finished in the storage, the others still untold
+                remaining = (target - self.finished_count()) if target is not None else per_call
+                if isinstance(self.optuna_study.sampler, AskTellGridSampler):
+                    remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
+                remaining -= len(self._untold)  # asked, still on their way through the pipeline
+                if remaining <= 0:
+                    if not self._untold:
+                        return None
+                    # A trial in flight may yet be cut short (and need doing again): wait for a tell.
+                    self._told.wait(timeout=0.5)
+                    continue
+            k = min(per_call, remaining)
+            self.check_room(k)
+            return self.ask_batch(k)
+        return None
+
+    def await_job(self, job: Future[Batch | None]) -> Batch | None:
+        """The asker's next batch; a stage's error surfaces meanwhile (in short waits, so Ctrl-C reaches the
+        main thread at once)."""
+        while True:
+            self.raise_stage_errors()
+            try:
+                return job.result(timeout=0.2)
+            except FutureTimeoutError:
+                continue
+
+    def stop_asking(self) -> None:
+        """Stop the asker; a batch it asked that will never be sampled is left untold, so the stop's own
+        handling (drain, abandon) fails it as interrupted."""
+        self._stop_asking.set()
+        self.asker.shutdown(wait=True, cancel_futures=True)
 
     def raise_stage_errors(self) -> None:
         """A stage's error that ends the search (a full disk, a failed store) surfaces in the main thread."""
@@ -579,13 +636,18 @@ class SearchRunner:
                 file=sys.stderr,
             )
 
-    def finish(self, status: str) -> None:
+    def draw_study_pictures(self) -> tuple[list[Path], dict[str, float]]:
+        """History or Pareto front, importances and contact sheet of the study, with its best values."""
         from sounding_anagrams.search.report import study_pictures
 
+        folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
+        return study_pictures(self.optuna_study, self.study, folder)
+
+    def finish(self, status: str) -> None:
+        """The study pictures on the search's MLflow run (drawn now unless drawn already), then its end."""
         try:
-            folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
-            files, metrics = study_pictures(self.optuna_study, self.study, folder)
-            self.tracker.log_parent_artifacts(files, metrics)
+            drawn = self.study_pictures.result() if self.study_pictures else self.draw_study_pictures()
+            self.tracker.log_parent_artifacts(*drawn)
         except Exception as error:  # pictures are a bonus; never lose the run over a plot
             logger.warning("could not draw the study pictures: %s", error)
         self.tracker.end_parent(status)
@@ -665,14 +727,13 @@ class SearchRunner:
 
     def ask_batch(self, k: int) -> Batch:
         """Ask k trials and plan them: a knob set and its seeds each (an invalid knob set fails at once)."""
-        with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for study.optimize; we send them ourselves.
-            warnings.simplefilter("ignore", UserWarning)
-            trials = [self.optuna_study.ask() for _ in range(k)]
+        visible = frozenset(t.number for t in self.optuna_study.get_trials(deepcopy=False, states=FINISHED))
+        trials = [self.optuna_study.ask() for _ in range(k)]
+        with self._tell_lock:
+            self._untold.update((trial.number, trial) for trial in trials)
         self.heartbeat(trials, force=True)
-        batch = Batch(trials)
+        batch = Batch(trials, visible)
         for trial in trials:
-            self._untold[trial.number] = trial
             trial.set_user_attr("worker", this_worker())
             try:
                 batch.plans.append(self.plan_trial(trial))
@@ -683,15 +744,15 @@ class SearchRunner:
         batch.previews = {t.number: [] for t in trials}
         return batch
 
-    def sample_batch(self, batch: Batch, settled: Batch | None = None) -> None:
+    def sample_batch(self, batch: Batch) -> None:
         """Every seed of every trial of the batch in one batched sampler call (the device's work).
 
         Previews: at a preview step all seeds of a trial are at the same stage (one knob set, one schedule).
         Their x0 pictures are decoded and scored in the background while the sampler goes on; the result is
         taken a fixed number of steps later (:func:`decision_step`), aggregated over the seeds like the final
-        values, reported once per trial, and a pruned trial stops all of its seeds. Before the first decision
-        the ``settled`` batch (the one before) is told, so the pruner compares with the same finished trials
-        on every run, however fast the host.
+        values, reported once per trial, and a pruned trial stops all of its seeds. The pruner compares with
+        the trials finished when the batch was asked (``batch.visible``): the same trials on every run,
+        however fast the host, and no wait for the judge.
         """
         plans = batch.plans
         if not plans:
@@ -718,8 +779,13 @@ class SearchRunner:
                 if state.step + 1 in steps[p] and len(rows) == len(plans[p].configs)
             }
             if due:
-                x0 = {p: state.pred_x0[[row for row, _ in rendering[p]]] for p in due}
-                job = self.previewer.submit(self.score_previews, x0, {p: plans[p].configs for p in due})
+                x0 = {p: take_rows(state.pred_x0, [row for row, _ in rendering[p]]) for p in due}
+                job = self.previewer.submit(
+                    self.score_previews,
+                    x0,
+                    {p: plans[p].configs for p in due},
+                    ready_event(self.models.device),  # where x0 is made, on the sampler's stream
+                )
                 for p, renders in due.items():
                     length = state.num_inference_steps[rendering[p][0][0]]
                     pending.append(
@@ -728,12 +794,11 @@ class SearchRunner:
             for preview in [q for q in pending if q.decide_at <= state.step]:
                 pending.remove(preview)
                 if preview.plan in rendering and preview.plan not in {owner[c] for c in stop}:
-                    self.wait_told(settled)
                     stop += self.decide(batch, plans[preview.plan].trial, preview, single)
             return stop
 
         try:
-            batch.output = JointSampler(self.models, max_unet_batch=self.settings.max_unet_batch)(
+            batch.output = self.sampler(
                 configs,
                 callback=on_step,
                 progress=self.settings.progress,  # always: it sends the heartbeats
@@ -748,9 +813,23 @@ class SearchRunner:
                 preview.job.cancel()
 
     def score_previews(
+        self,
+        x0: Mapping[int, torch.Tensor],
+        configs: Mapping[int, Sequence[RenderConfig]],
+        ready: torch.cuda.Event | None = None,
+    ) -> dict[int, ScoredPreview | None]:
+        """Background: per trial, its seeds' x0 ``(S, 4, h, w)`` decoded and scored (None: not finite).
+
+        On a GPU this runs on the thread's high-priority stream once ``ready`` (x0 made) is reached, so it
+        does not queue behind the sampler's next steps."""
+        with side_stream(self.models.device, after=ready):
+            for latents in x0.values():
+                used_on_this_stream(latents)
+            return self._score_previews(x0, configs)
+
+    def _score_previews(
         self, x0: Mapping[int, torch.Tensor], configs: Mapping[int, Sequence[RenderConfig]]
     ) -> dict[int, ScoredPreview | None]:
-        """Background: per trial, its seeds' x0 ``(S, 4, h, w)`` decoded and scored (None: not finite)."""
         finite = {p: bool(torch.isfinite(latents).all()) for p, latents in x0.items()}
         flat = [(p, k) for p in x0 if finite[p] for k in range(len(configs[p]))]
         if not flat:
@@ -789,19 +868,24 @@ class SearchRunner:
         batch.previews[trial.number].append((preview.percent, {**record, "objective": value}))
         if single and math.isfinite(value):
             trial.report(value, preview.percent)
-            if trial.should_prune():
+            if should_prune(self.optuna_study, trial, batch.visible):
                 batch.pruned_previews[trial.number] = (preview.percent, scored.decoded)
                 return list(preview.renders)
         return []
 
-    def wait_told(self, batch: Batch | None) -> None:
-        """Until every trial of ``batch`` is told (or the judge stopped). The Optuna sampler and pruner then
-        see the same finished trials on every run of a study, whatever the host's speed: same trials."""
+    def wait_told(self, batch: Batch | None, *, stop: threading.Event | None = None) -> None:
+        """Until every trial of ``batch`` is told (or the judge stopped, or ``stop`` is set): the Optuna
+        sampler then sees the same finished trials on every run of a study, whatever the host's speed."""
         if batch is None:
             return
         numbers = [trial.number for trial in batch.trials]
         with self._told:
-            while any(n in self._untold for n in numbers) and self.judge.error is None and self.judge.alive():
+            while (
+                any(n in self._untold for n in numbers)
+                and self.judge.error is None
+                and self.judge.alive()
+                and not (stop is not None and stop.is_set())
+            ):
                 self._told.wait(timeout=0.2)
 
     def judge_batch(self, batch: Batch) -> None:
@@ -820,20 +904,23 @@ class SearchRunner:
                 folders = [
                     self.render_folder(p.trial.number, k) for p in plans for k in range(len(p.configs))
                 ]
-                results = decode_and_write(batch.output, configs, self.models, folders, with_clip=False)
-                renders = iter(results)
-                batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
-                self.score_and_judge(batch.results, plans, batch.outcomes)
+                with side_stream(self.models.device):  # not behind the sampler's steps (see side_stream)
+                    results = decode_and_write(batch.output, configs, self.models, folders, with_clip=False)
+                    renders = iter(results)
+                    batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
+                    self.score_and_judge(batch.results, plans, batch.outcomes)
                 self.write_pruned_previews(batch)
         except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
             fail_batch(batch, error)
         batch.output = None  # the latents are no longer needed
+        full = [o for o in batch.outcomes.values() if o.reason and o.reason.startswith(DISK_FULL)]
+        if full:  # every later trial would fail the same way: ask for none (the tells below free budget)
+            self._stop_asking.set()
         for trial in batch.trials:
             self.tell(trial, batch.outcomes[trial.number])
         self.publisher.put(batch)
-        full = [o for o in batch.outcomes.values() if o.reason and o.reason.startswith(DISK_FULL)]
         if full:
-            # Every later trial would fail the same way: stop, with what was finished kept.
+            # Stop, with what was finished kept.
             raise DiskFullError(
                 f"the disk under {self.render_root} is full (trial {full[0].number}: {full[0].reason}); the "
                 f"trials finished before are kept in {shown_url(self.storage)}, and the cut-short ones are "
@@ -872,25 +959,44 @@ class SearchRunner:
         is made at the next start from the files (:meth:`reconcile_told_trials`).
         """
         by_number = {plan.trial.number: plan for plan in batch.plans}
-        for trial in batch.trials:
-            if self._abandon.is_set():
-                return
-            outcome = batch.outcomes[trial.number]
-            plan = by_number.get(trial.number)
-            if outcome.state == TrialState.COMPLETE and plan is not None and outcome.best_seed is not None:
-                best = batch.results[batch.plans.index(plan)][outcome.best_seed]
-                try:
+        # The clips are encoded side by side (the encoder releases the GIL), each trial logged once its own
+        # clip is done.
+        with ThreadPoolExecutor(
+            WRITER_THREADS, thread_name_prefix="search-clip", initializer=lower_this_thread_priority
+        ) as encoders:
+            clips: dict[int, Future[Path]] = {}
+            for trial in batch.trials:
+                outcome = batch.outcomes[trial.number]
+                plan = by_number.get(trial.number)
+                if (
+                    outcome.state == TrialState.COMPLETE
+                    and plan is not None
+                    and outcome.best_seed is not None
+                ):
+                    best = batch.results[batch.plans.index(plan)][outcome.best_seed]
                     if best.decoded is not None:
-                        write_clip(best.folder, best.config, best.decoded.pictures)
-                except Exception as error:  # the clip is a bonus; the trial is judged
-                    logger.warning("trial %d: the clip could not be made: %s", trial.number, one_line(error))
-            self.log_trial(
-                trial.number,
-                trial._trial_id,
-                outcome,
-                config=plan.knob_set() if plan else trial.params,
-                previews=batch.previews.get(trial.number, []),
-            )
+                        clips[trial.number] = encoders.submit(
+                            write_clip, best.folder, best.config, best.decoded.pictures
+                        )
+            for trial in batch.trials:
+                if self._abandon.is_set():
+                    encoders.shutdown(wait=True, cancel_futures=True)
+                    return
+                if trial.number in clips:
+                    try:
+                        clips[trial.number].result()
+                    except Exception as error:  # the clip is a bonus; the trial is judged
+                        logger.warning(
+                            "trial %d: the clip could not be made: %s", trial.number, one_line(error)
+                        )
+                plan = by_number.get(trial.number)
+                self.log_trial(
+                    trial.number,
+                    trial._trial_id,
+                    batch.outcomes[trial.number],
+                    config=plan.knob_set() if plan else trial.params,
+                    previews=batch.previews.get(trial.number, []),
+                )
         batch.results = []  # the decoded pictures and sounds: memory stays flat
 
     @staticmethod
@@ -913,9 +1019,7 @@ class SearchRunner:
         boot id are recorded on each trial) is dead at once; a worker elsewhere is dead when its heartbeats
         stop for the grace period (Optuna's stale-trial check).
         """
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(self.optuna_study)
+        optuna.storages.fail_stale_trials(self.optuna_study)  # (its ExperimentalWarning: see open_storage)
         for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker")
             if not worker or not worker_is_dead(worker):

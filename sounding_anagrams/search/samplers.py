@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sounding_anagrams.errors import ConfigError
 
@@ -75,3 +75,42 @@ def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
             f"bad options for {study.pruner.type}: {error}",
             source=study.source,
         ) from None
+
+
+class SettledStudy:
+    """A study as the pruner sees it when it judges a trial: only the trials that were finished when that
+    trial's batch was asked (and the trial itself).
+
+    Trials finished since then (the batch before, told by the judge while this one samples) are left out,
+    so a pruning decision never depends on how far the judge has got: the same study prunes the same trials
+    on every run, and the sampler never waits for the judge to decide. Everything else is the study's own.
+    """
+
+    def __init__(self, study: optuna.Study, visible: frozenset[int]) -> None:
+        self._study = study
+        self._visible = visible
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        return [t for t in self._study.get_trials(deepcopy, states) if t.number in self._visible]
+
+    def _get_trials(
+        self,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+        use_cache: bool = False,
+    ) -> list[FrozenTrial]:
+        trials = self._study._get_trials(deepcopy, states, use_cache)
+        return [t for t in trials if t.number in self._visible]
+
+
+def should_prune(study: optuna.Study, trial: Trial, visible: frozenset[int]) -> bool:
+    """``trial.should_prune()``, judged against the trials in ``visible`` alone (:class:`SettledStudy`)."""
+    view = SettledStudy(study, visible | {trial.number})
+    return study.pruner.prune(view, trial._get_latest_trial())  # type: ignore[arg-type]
