@@ -278,7 +278,14 @@ def run_search(args: argparse.Namespace) -> int:
     )
     runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
     # A plain `kill` (SIGTERM) is handled like Ctrl-C: in-flight trials are told FAIL, the MLflow run closed.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # Either also sets the runner's stop flag, which it checks at every denoising step: a KeyboardInterrupt
+    # raised inside library code that swallows it (seen on a loaded machine) still stops the search.
+    def stop(signum: int, frame: Any) -> None:
+        runner.stop_requested.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         summary = runner.run()
     except KeyboardInterrupt:
@@ -300,10 +307,6 @@ def run_search(args: argparse.Namespace) -> int:
         f" --runs {args.runs}"
     )
     return 0
-
-
-def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _open_study(args: argparse.Namespace) -> Any:

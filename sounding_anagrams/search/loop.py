@@ -44,7 +44,6 @@ from sounding_anagrams.errors import (
     ConfigError,
     DiskFullError,
     SoundingAnagramsError,
-    database_reason,
     is_disk_full,
     one_line,
     shown_url,
@@ -66,7 +65,12 @@ from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState, take_rows
 from sounding_anagrams.sampler.transfer import ready_event, side_stream, used_on_this_stream
 from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler, should_prune
-from sounding_anagrams.search.stores import check_sqlite_file
+from sounding_anagrams.search.stores import (
+    GRACE_SECONDS,
+    HEARTBEAT_SECONDS,
+    check_sqlite_file,
+    open_storage,
+)
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
 from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
 from sounding_anagrams.search.workers import this_worker, worker_is_dead
@@ -77,8 +81,6 @@ INTERRUPTED = "interrupted"
 WORKER_DIED = "its worker died"
 DISK_FULL = "disk full"
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
-HEARTBEAT_SECONDS = 30
-GRACE_SECONDS = 300
 PREVIEW_LAG = 0.1  # of the steps: how long a preview is scored in the background before its decision
 PREVIEW_VAE_BATCH = 4  # x0 previews per VAE call: fewer, larger device calls; GPU memory grows with it
 AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
@@ -296,22 +298,6 @@ def check_stores(settings: SearchSettings) -> None:
             ) from None
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDB storage (sqlite for one machine, PostgreSQL for many) with heartbeats for killed workers."""
-    engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        warnings.simplefilter(
-            "ignore", optuna.exceptions.ExperimentalWarning
-        )  # heartbeats are "experimental"
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
-        )
-    except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
-        raise ConfigError(
-            "--storage", shown_url(url), f"cannot open this Optuna storage: {database_reason(error)}"
-        ) from None
-
-
 def suggest(trial: Trial, param: ParamSpec) -> Any:
     if param.type == "categorical":
         return trial.suggest_categorical(param.name, list(param.choices))
@@ -417,6 +403,9 @@ class SearchRunner:
         self._score_lock = threading.Lock()  # the judges are called by one thread at a time
         self._abandon = threading.Event()
         self._stop_asking = threading.Event()
+        # Set by a signal handler (Ctrl-C, SIGTERM): checked at every step and wait of the main thread.
+        self.stop_requested = threading.Event()
+        self._stopping = False  # the stop is being handled: a second signal abandons the drain instead
         # Optuna warns at each ask that heartbeats are meant for study.optimize; we send them ourselves. A
         # filter set once: catch_warnings() is process-wide, not safe on the asker thread.
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
@@ -508,6 +497,7 @@ class SearchRunner:
             self.raise_stage_errors()
         except BaseException as error:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self._stopping = True
             self.stop_asking()
             if isinstance(error, KeyboardInterrupt):
                 self.stop_on_interrupt()
@@ -569,10 +559,17 @@ class SearchRunner:
         main thread at once)."""
         while True:
             self.raise_stage_errors()
+            self.check_stop_requested()
             try:
                 return job.result(timeout=0.2)
             except FutureTimeoutError:
                 continue
+
+    def check_stop_requested(self) -> None:
+        """Raise KeyboardInterrupt if a stop was asked for (see ``stop_requested``) and not yet handled."""
+        if self.stop_requested.is_set() and not self._stopping:
+            self._stopping = True
+            raise KeyboardInterrupt
 
     def stop_asking(self) -> None:
         """Stop the asker; a batch it asked that will never be sampled is left untold, so the stop's own
@@ -764,6 +761,7 @@ class SearchRunner:
         pending: list[Preview] = []  # in the order they were taken: each trial reports its percents in order
 
         def on_step(state: StepState) -> list[int]:
+            self.check_stop_requested()
             self.heartbeat(
                 list({plans[owner[c]].trial.number: plans[owner[c]].trial for c in state.candidates}.values())
             )
@@ -1019,7 +1017,7 @@ class SearchRunner:
         boot id are recorded on each trial) is dead at once; a worker elsewhere is dead when its heartbeats
         stop for the grace period (Optuna's stale-trial check).
         """
-        optuna.storages.fail_stale_trials(self.optuna_study)  # (its ExperimentalWarning: see open_storage)
+        optuna.storages.fail_stale_trials(self.optuna_study)  # (ExperimentalWarning: see open_storage)
         for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             worker = trial.user_attrs.get("worker")
             if not worker or not worker_is_dead(worker):

@@ -22,7 +22,7 @@ from sounding_anagrams.errors import (
     unknown_name_message,
 )
 from sounding_anagrams.evaluation.metrics import summarize
-from sounding_anagrams.search.stores import check_sqlite_file
+from sounding_anagrams.search.stores import check_sqlite_file, open_storage
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics
 
@@ -43,8 +43,9 @@ class Ranked:
 def load_study_from_storage(name: str, storage: str) -> optuna.Study:
     """An existing study by name; a missing one is an error listing the studies there are."""
     check_sqlite_file(storage)
+    rdb = open_storage(storage)  # under the storage's lock: a search may be creating it right now
     try:
-        summaries = optuna.get_all_study_summaries(storage)
+        summaries = optuna.get_all_study_summaries(rdb)
     except Exception as error:
         raise ConfigError(
             "--storage", shown_url(storage), f"cannot open this Optuna storage: {database_reason(error)}"
@@ -58,7 +59,7 @@ def load_study_from_storage(name: str, storage: str) -> optuna.Study:
             if names
             else "no study in this storage: run `sounding-anagrams search` first, or give --runs/--storage",
         )
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=rdb)
 
 
 def ranked_trials(study: optuna.Study) -> list[Ranked]:

@@ -1,0 +1,96 @@
+"""Several processes open one fresh Optuna storage at the same moment: workers started together, or a
+leaderboard while a search starts. Each must get the storage, none an IntegrityError of the schema."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+REPO = Path(__file__).resolve().parents[1]
+OPENERS = 6
+
+OPENER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from sounding_anagrams.search.stores import open_storage
+
+    url, ready, go = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    ready.touch()
+    while not go.exists():  # all openers start at once
+        time.sleep(0.001)
+    storage = open_storage(url)
+    print(len(storage.get_all_studies()))
+    """
+)
+
+
+def open_all_at_once(url: str, tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
+    go = tmp_path / "go"
+    ready = [tmp_path / f"ready-{k}" for k in range(OPENERS)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, url, str(flag), str(go)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for flag in ready
+    ]
+    deadline = time.monotonic() + 300  # imports on a loaded 2-core machine
+    while not all(flag.exists() for flag in ready) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        time.sleep(0.05)
+    go.touch()
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
+
+
+def test_openers_started_together_share_a_fresh_sqlite_storage(tmp_path: Path):
+    database = tmp_path / "optuna.db"
+    results = open_all_at_once(f"sqlite:///{database}", tmp_path)
+    assert [r.returncode for r in results] == [0] * OPENERS, [r.stderr[-2000:] for r in results]
+    assert [r.stdout.strip() for r in results] == ["0"] * OPENERS
+    with sqlalchemy.create_engine(f"sqlite:///{database}").connect() as connection:
+        assert connection.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+def postgres_admin_url() -> str:
+    url = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        with sqlalchemy.create_engine(url).connect():
+            return url
+    except Exception as error:  # no server: skip with the reason, except under CI where it must run
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no PostgreSQL at {url}: {error}")
+
+
+def test_openers_started_together_share_a_fresh_postgresql_storage(tmp_path: Path):
+    admin = sqlalchemy.make_url(postgres_admin_url())
+    name = f"sa_fresh_{os.getpid()}_{time.time_ns()}"
+    engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    fresh = admin.set(database=name)
+    try:
+        results = open_all_at_once(fresh.render_as_string(hide_password=False), tmp_path)
+        assert [r.returncode for r in results] == [0] * OPENERS, [r.stderr[-2000:] for r in results]
+        with sqlalchemy.create_engine(fresh).connect() as connection:
+            versions = connection.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar()
+        assert versions == 1
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
