@@ -13,8 +13,16 @@ VIEW ?= rotate
 TRIALS ?=
 RUNS ?= runs
 PORT ?= 5000
+# Many workers: `make search ... WORKERS=4 [STORAGE=postgresql+psycopg://...] [TRACKING_URI=http://...]`.
+WORKERS ?=
+STORAGE ?=
+TRACKING_URI ?=
+# `make server`: an MLflow tracking server for workers on many machines (README, "Many GPUs, many machines").
+HOST ?= 127.0.0.1
+MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
+ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install test render search ui leaderboard export bench lint clean
+.PHONY: install test render search server ui leaderboard export bench lint clean
 
 install: $(STAMP)
 
@@ -30,14 +38,21 @@ test: install
 render: install
 	$(BIN)/sounding-anagrams render --config $(CONFIG) $(if $(MODELS),--models $(MODELS)) $(if $(OUT),--out $(OUT))
 
+STORES = $(if $(STORAGE),--storage $(STORAGE)) $(if $(TRACKING_URI),--tracking-uri $(TRACKING_URI))
+
 search: install
-	$(BIN)/sounding-anagrams search studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(if $(TRIALS),--trials $(TRIALS))
+	$(BIN)/sounding-anagrams search studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(TRIALS),--trials $(TRIALS)) $(if $(WORKERS),--workers $(WORKERS)) $(STORES)
+
+server: install
+	$(BIN)/sounding-anagrams server --backend-store-uri $(MLFLOW_DB) --artifacts-destination $(ARTIFACTS) \
+		--host $(HOST) --port $(PORT)
 
 leaderboard: install
-	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS))
+	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
 export: install
-	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS))
+	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
 # The MLflow UI over the search's store, on loopback only.
 ui: install

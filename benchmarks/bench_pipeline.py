@@ -15,9 +15,15 @@ files, clip encoding, Optuna, MLflow, the designed judges' arithmetic) is real a
 busy fraction is the device time over the wall time of ``SearchRunner.run``, from its first line to its
 study pictures.
 
-Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages]``. There is no real
-GPU path yet: a measured fraction needs a GPU and full-size UNets (random weights would do), and no GPU was
-lent to the sessions that wrote this.
+Part 3 (MEASURED, only where CUDA is present): the same 16-trial search for real on the GPU, with models of
+the real sizes and random weights (no weights can be downloaded here; speed does not depend on their values):
+two SD 1.5-size UNets and CLIP ViT-L-size text encoders (``bench_sampler.real_size_models``), an SD-size VAE
+and a HiFi-GAN of Auffusion's vocoder layout, fp16; the judges are the tiny CLIP and CLAP on the GPU. Every
+model forward is bracketed by CUDA events on the stream it runs on; the busy time is the union of those
+intervals (an upper bound of kernel time: launch gaps inside one forward count as busy), over the wall time
+of ``SearchRunner.run``.
+
+Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages] [--skip-simulation]``.
 """
 
 from __future__ import annotations
@@ -326,17 +332,140 @@ def busy_fraction(trials: int, steps: int, *, overlap: bool, asynchronous: bool)
     return Busy(device.busy, ended - started, device.first - started, max(0.0, ended - device.free_at))
 
 
+# -- part 3: measured on a real GPU ------------------------------------------------------------------------
+
+
+class ForwardTimeline:
+    """CUDA events around every model forward, on the stream each runs on; ``busy`` is their union."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.origin = torch.cuda.Event(enable_timing=True)
+
+    def wrap(self, forward: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()  # on this thread's current stream: the sampler's, or a side stream
+            out = forward(*args, **kwargs)
+            end.record()
+            with self.lock:
+                self.pairs.append((start, end))
+            return out
+
+        return timed
+
+    def busy(self) -> tuple[float, float]:
+        """(busy seconds, first forward's start in seconds after ``origin``), after a synchronize."""
+        torch.cuda.synchronize()
+        spans = sorted(
+            (self.origin.elapsed_time(start) / 1e3, self.origin.elapsed_time(end) / 1e3)
+            for start, end in self.pairs
+        )
+        total, reach = 0.0, -math.inf
+        for begin, finish in spans:
+            if finish > reach:
+                total += finish - max(begin, reach)
+                reach = finish
+        return total, spans[0][0] if spans else math.nan
+
+
+def real_size_bundle(device: torch.device, dtype: torch.dtype) -> ModelBundle:
+    """SD 1.5-size UNets and text encoders (bench_sampler's), an SD-size VAE and an Auffusion-layout vocoder
+    (fp32, as ``load_models`` keeps it), random weights."""
+    from diffusers import AutoencoderKL
+
+    from benchmarks.bench_sampler import real_size_models
+    from sounding_anagrams.sampler.vocoder import HiFiGANConfig, HiFiGANGenerator
+
+    models = real_size_models(device, dtype)
+    for seed, model in enumerate((models.image, models.audio)):
+        torch.manual_seed(100 + seed)
+        model.vae = (
+            AutoencoderKL(
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2,
+                latent_channels=4,
+                sample_size=512,
+                scaling_factor=0.18215,
+            )
+            .to(device, dtype)
+            .eval()
+        )
+    vocoder_layout = HiFiGANConfig(
+        resblock="1",
+        upsample_rates=(5, 4, 4, 2),
+        upsample_kernel_sizes=(11, 8, 8, 4),
+        upsample_initial_channel=512,
+        resblock_kernel_sizes=(3, 7, 11),
+        resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)),
+    )
+    models.vocoder = HiFiGANGenerator(vocoder_layout).to(device).eval()
+    return models
+
+
+def measured_busy_fraction(trials: int, steps: int) -> Busy:
+    """One search of ``trials`` trials on the GPU with real-size random models (MEASURED)."""
+    models = real_size_bundle(torch.device("cuda"), torch.float16)
+    timeline = ForwardTimeline()
+    for model in (models.image, models.audio):
+        model.unet.forward = timeline.wrap(model.unet.forward)  # type: ignore[method-assign]
+        model.vae.decode = timeline.wrap(model.vae.decode)  # type: ignore[method-assign]
+    assert models.vocoder is not None
+    models.vocoder.forward = timeline.wrap(models.vocoder.forward)  # type: ignore[method-assign]
+    judges = Scorers.load(models="tiny", device="cuda")
+    study = load_study(REPO / "studies" / "rotate.yaml")
+    study = dataclasses.replace(
+        study,
+        render=study.render.replace(image_model="bench", audio_model="bench", num_inference_steps=steps),
+    )
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-cuda-") as runs:
+        runner = SearchRunner(
+            study, models, judges, SearchSettings(runs_dir=Path(runs), trials=trials, progress=False)
+        )
+        torch.cuda.synchronize()
+        timeline.origin.record()
+        started = time.perf_counter()
+        runner.run()
+        ended = time.perf_counter()
+    busy, first = timeline.busy()
+    last = max((timeline.origin.elapsed_time(end) / 1e3 for _, end in timeline.pairs), default=math.nan)
+    wall = ended - started
+    return Busy(busy, wall, first, max(0.0, wall - last))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--skip-stages", action="store_true")
+    parser.add_argument("--skip-simulation", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"# bench_pipeline {datetime.date.today()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
     if not args.skip_stages:
         stage_table(load_models("tiny", "tiny", device="cpu", dtype="float32"), args.steps)
+    if torch.cuda.is_available():
+        run = measured_busy_fraction(args.trials, args.steps)
+        print(
+            f"\nMEASURED on {torch.cuda.get_device_name()}: real-size random-weight models in fp16, "
+            f"studies/rotate.yaml, {args.trials} trials, {args.steps} steps"
+        )
+        print(
+            "| device busy (model forwards) | first to last forward | device s | wall s | start s | drain s |"
+        )
+        print("|---|---|---|---|---|---|")
+        print(
+            f"| {100 * run.whole:.1f}% | {100 * run.between:.1f}% | {run.busy:.1f} | {run.wall:.1f} "
+            f"| {run.start:.1f} | {run.drain:.1f} |"
+        )
+    else:
+        print("\nno CUDA device: the measured GPU busy fraction (part 3) did not run")
+    if args.skip_simulation:
+        return
     print(
         f"\nSIMULATED DEVICE (model forwards take their H100 time at {H100_FLOPS / 1e12:.0f} TFLOP/s; "
         f"see the docstring): studies/rotate.yaml (4 seeds a trial, batch 8, previews at 40%/70%, median "

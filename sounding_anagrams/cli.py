@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-unet-batch", type=int, default=None, help="chunk UNet batches to this many samples"
     )
     search.add_argument("--quiet", action="store_true", help="no progress bars")
+    search.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes on this machine, all on one study: one per GPU (CUDA_VISIBLE_DEVICES), "
+        "their logs under <runs>/workers/",
+    )
 
     for name, text in (
         ("leaderboard", "print the best candidates of a study"),
@@ -189,7 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
             )
+    server = commands.add_parser(
+        "server",
+        help="start an MLflow tracking server for many workers (PostgreSQL backend, served artifacts)",
+        description="Start an MLflow tracking server: runs in a PostgreSQL database (created if missing), "
+        "artifacts stored under --artifacts-destination and served through the server, so workers on "
+        "machines with no shared disk log their files to one place. Prints the URI to give the workers.",
+    )
+    server.add_argument(
+        "--backend-store-uri",
+        default=os.environ.get("SOUNDING_ANAGRAMS_MLFLOW_DB", DEFAULT_SERVER_DB),
+        help=f"the runs' database (default {DEFAULT_SERVER_DB})",
+    )
+    server.add_argument(
+        "--artifacts-destination",
+        default="runs/server-artifacts",
+        help="where the server keeps artifacts: a folder (an NFS mount for a cluster), s3://bucket/path "
+        "(with AWS_* / MLFLOW_S3_ENDPOINT_URL for MinIO)... (default runs/server-artifacts)",
+    )
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a cluster)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host headers the server accepts, comma-separated (MLflow's; needed when workers reach it "
+        "by a cluster name, e.g. mlflow.cluster.local:5000)",
+    )
     return parser
+
+
+DEFAULT_SERVER_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
 
 
 def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +239,12 @@ def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
         "--storage",
         default=None,
         help="Optuna storage URL (default sqlite:///<runs>/optuna.db; PostgreSQL for many machines)",
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store or server, e.g. http://mlflow-host:5000 (default $MLFLOW_TRACKING_URI, else "
+        "sqlite:///<runs>/mlflow.db)",
     )
 
 
@@ -225,11 +267,11 @@ def study_name_of(study: str, models: str | None) -> str:
     return f"{name}-tiny" if models == "tiny" and not name.endswith("-tiny") else name
 
 
-def run_search(args: argparse.Namespace) -> int:
+def checked_search(args: argparse.Namespace) -> Any:
+    """The study of ``search`` with its overrides, once every argument is checked (before any work)."""
     from sounding_anagrams.search.study import load_study
 
-    tiny = args.models == "tiny"
-    study = load_study(args.study, tiny=tiny)
+    study = load_study(args.study, tiny=args.models == "tiny")
     if args.models not in (None, "tiny"):
         study = dataclasses.replace(study, render=study.render.replace(**models_overrides(args.models)))
     if args.device:
@@ -246,6 +288,14 @@ def run_search(args: argparse.Namespace) -> int:
             raise ConfigError(flag, value, f"must be at least {low}")
     if args.minutes is not None and args.minutes <= 0:
         raise ConfigError("--minutes", args.minutes, "must be positive")
+    if args.workers < 1:
+        raise ConfigError("--workers", args.workers, "must be at least 1 (worker processes on this machine)")
+    return study
+
+
+def run_search(args: argparse.Namespace) -> int:
+    tiny = args.models == "tiny"
+    study = checked_search(args)
 
     from sounding_anagrams.evaluation.evaluate import Scorers
     from sounding_anagrams.sampler.models import load_models
@@ -257,7 +307,7 @@ def run_search(args: argparse.Namespace) -> int:
     # after minutes of loading real weights.
     from sounding_anagrams.search.loop import check_stores
 
-    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage))
+    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
     render_config = study.render
     models = load_models(
         render_config.image_model,
@@ -275,8 +325,10 @@ def run_search(args: argparse.Namespace) -> int:
         batch=args.batch,
         progress=not args.quiet,
         max_unet_batch=args.max_unet_batch,
+        tracking_uri=args.tracking_uri,
     )
     runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
+
     # A plain `kill` (SIGTERM) is handled like Ctrl-C: in-flight trials are told FAIL, the MLflow run closed.
     # Either also sets the runner's stop flag, which it checks at every denoising step: a KeyboardInterrupt
     # raised inside library code that swallows it (seen on a loaded machine) still stops the search.
@@ -327,14 +379,19 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
 
-    print(leaderboard_text(_open_study(args), top=args.top))
+    print(leaderboard_text(_open_study(args), top=args.top, tracking_uri=args.tracking_uri))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.report import export_best
 
-    written = export_best(_open_study(args), args.out or args.runs / "exports")
+    written = export_best(
+        _open_study(args),
+        args.out or args.runs / "exports",
+        cache=args.runs / "downloads",
+        tracking_uri=args.tracking_uri,
+    )
     for path in written:
         print(f"{path}    (sounding-anagrams render --config {path})")
     return 0
@@ -497,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("SOUNDING_ANAGRAMS_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
     )
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "render":
@@ -504,7 +562,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "evaluate":
             return run_evaluate(args)
         if args.command == "search":
+            if args.workers != 1:
+                from sounding_anagrams.search.fleet import run_workers
+
+                return run_workers(args, argv)
             return run_search(args)
+        if args.command == "server":
+            from sounding_anagrams.search.fleet import run_server
+
+            return run_server(args)
         if args.command == "leaderboard":
             return run_leaderboard(args)
         if args.command == "export":

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ import numpy as np
 import optuna
 import torch
 from filelock import FileLock
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
@@ -68,18 +70,24 @@ from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, m
 from sounding_anagrams.search.stores import (
     GRACE_SECONDS,
     HEARTBEAT_SECONDS,
+    ask_lock,
     check_sqlite_file,
+    ensure_database,
     open_storage,
 )
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
 from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
-from sounding_anagrams.search.workers import this_worker, worker_is_dead
+from sounding_anagrams.search.workers import (
+    DISK_FULL,
+    INTERRUPTED,
+    WORKER_DIED,
+    is_cut_short,
+    this_worker,
+    worker_is_dead,
+)
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-INTERRUPTED = "interrupted"
-WORKER_DIED = "its worker died"
-DISK_FULL = "disk full"
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
 PREVIEW_LAG = 0.1  # of the steps: how long a preview is scored in the background before its decision
 PREVIEW_VAE_BATCH = 4  # x0 previews per VAE call: fewer, larger device calls; GPU memory grows with it
@@ -119,10 +127,17 @@ class TrialOutcome:
     seed_values: list[list[float]] = field(default_factory=list)
     seed_scores: list[dict[str, float]] = field(default_factory=list)
     best_seed: int | None = None
+    # Its MLflow run, opened when it is told: where its files are shared, whatever machine rendered it.
+    run_id: str | None = None
+    artifact_uri: str | None = None
 
     def user_attrs(self) -> dict[str, Any]:
-        """What Optuna keeps of the trial beside its values (JSON)."""
+        """What Optuna keeps of the trial beside its values (JSON). The folders are the rendering machine's
+        (a hint there); the MLflow run and its artifact URI are what any machine reads the files from."""
         attrs: dict[str, Any] = {"seeds": self.seeds}
+        if self.run_id is not None:
+            attrs["mlflow_run_id"] = self.run_id
+            attrs["artifact_uri"] = self.artifact_uri
         if self.folder is not None:
             attrs["trial_folder"] = str(self.folder.resolve())
             attrs["render_folders"] = [
@@ -282,6 +297,7 @@ def check_stores(settings: SearchSettings) -> None:
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(settings.runs_dir / ".optuna.lock")):
         check_sqlite_file(storage_url(settings))
+        ensure_database(storage_url(settings), field="--storage")
         open_storage(storage_url(settings))
     uri = settings.tracking_uri or default_tracking_uri(settings.runs_dir)
     if uri.startswith(("http://", "https://")):
@@ -291,10 +307,10 @@ def check_stores(settings: SearchSettings) -> None:
             requests.get(f"{uri.rstrip('/')}/health", timeout=10).raise_for_status()
         except requests.RequestException as error:
             raise ConfigError(
-                "MLFLOW_TRACKING_URI",
+                "--tracking-uri" if settings.tracking_uri else "MLFLOW_TRACKING_URI",
                 uri,
-                f"no MLflow server answers there ({type(error).__name__}); start it (mlflow server ...) or "
-                "unset MLFLOW_TRACKING_URI for the local store under --runs",
+                f"no MLflow server answers there ({type(error).__name__}); start it (sounding-anagrams "
+                "server) or leave out --tracking-uri and MLFLOW_TRACKING_URI for the store under --runs",
             ) from None
 
 
@@ -351,7 +367,7 @@ class SearchRunner:
         # process that creates the study samples from the study's seed; a resumed run or a second worker
         # gets its own stream, else it would propose the very same candidates again.
         with FileLock(str(settings.runs_dir / ".optuna.lock")):
-            self.rdb = open_storage(self.storage)
+            self.rdb = open_storage(self.storage, on_stale_trial=self.retry_dead_workers_trial)
             existing = [s.study_name for s in optuna.get_all_study_summaries(self.rdb)]
             seed = (
                 study.seed
@@ -392,6 +408,9 @@ class SearchRunner:
         self.optuna_study.set_user_attr("aggregate", study.aggregate)
         self.render_root = claim_render_root(settings.runs_dir, self.study_name, self.optuna_study)
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
+        # Where every worker's trials are browsed and downloaded from (leaderboard, export, on any machine).
+        self.optuna_study.set_user_attr("tracking_uri", shown_url(self.tracker.tracking_uri))
+        self.optuna_study.set_user_attr("mlflow_experiment_id", self.tracker.experiment_id)
         self.sampler = JointSampler(models, max_unet_batch=settings.max_unet_batch)
         self.unet_samples = 0
         self._last_heartbeat = 0.0
@@ -538,20 +557,24 @@ class SearchRunner:
         self.wait_told(settled, stop=self._stop_asking)
         while time.monotonic() < deadline and not self._stop_asking.is_set():
             self.fail_stale_trials()
-            with self._tell_lock:  # told trials are finished in the storage, the others still untold
-                remaining = (target - self.finished_count()) if target is not None else per_call
-                if isinstance(self.optuna_study.sampler, AskTellGridSampler):
+            # Counting and asking under the study's ask lock, which every worker on every machine takes:
+            # together they never ask more trials than the budget has left.
+            with ask_lock(self.storage, self.study_name):
+                running = len(self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                # Told trials are finished in the storage; asked ones (this worker's or another's) RUNNING.
+                remaining = (target - self.finished_count() - running) if target is not None else per_call
+                if isinstance(self.optuna_study.sampler, AskTellGridSampler):  # (it counts RUNNING as taken)
                     remaining = min(remaining, self.optuna_study.sampler.unvisited(self.optuna_study))
-                remaining -= len(self._untold)  # asked, still on their way through the pipeline
-                if remaining <= 0:
-                    if not self._untold:
-                        return None
-                    # A trial in flight may yet be cut short (and need doing again): wait for a tell.
-                    self._told.wait(timeout=0.5)
-                    continue
-            k = min(per_call, remaining)
-            self.check_room(k)
-            return self.ask_batch(k)
+                if remaining > 0:
+                    k = min(per_call, remaining)
+                    self.check_room(k)
+                    return self.ask_batch(k)
+                if not running:
+                    return None
+            # A trial in flight (here or on another worker) may yet be cut short and need doing again (a
+            # dead worker's is retried): wait for a tell here, or poll the others'.
+            with self._tell_lock:
+                self._told.wait(timeout=0.5)
         return None
 
     def await_job(self, job: Future[Batch | None]) -> Batch | None:
@@ -638,7 +661,9 @@ class SearchRunner:
         from sounding_anagrams.search.report import study_pictures
 
         folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
-        return study_pictures(self.optuna_study, self.study, folder)
+        return study_pictures(
+            self.optuna_study, self.study, folder, cache=self.settings.runs_dir / "downloads"
+        )
 
     def finish(self, status: str) -> None:
         """The study pictures on the search's MLflow run (drawn now unless drawn already), then its end."""
@@ -713,11 +738,17 @@ class SearchRunner:
         """The trial's knob set and its seeds (from the study seed, never proposed: docs/METHOD.md §5)."""
         params = {param.name: suggest(trial, param) for param in self.study.space}
         config = self.study.candidate_config(params)
+        # A retry of a trial whose worker died renders the seeds of the trial it retries.
+        retry_of = RetryFailedTrialCallback.retried_trial_number(self.rdb.get_trial(trial._trial_id))
+        if retry_of is not None:
+            trial.set_user_attr("retry_of", retry_of)
         # Only the benchmark's single-seed baseline design searches "seed" itself; study files cannot.
         seeds = (
             [config.seed]
             if "seed" in params
-            else trial_seeds(self.study.seed, trial.number, self.study.seeds_per_trial)
+            else trial_seeds(
+                self.study.seed, trial.number if retry_of is None else retry_of, self.study.seeds_per_trial
+            )
         )
         trial.set_user_attr("seeds", seeds)
         return TrialPlan(trial, config, seeds, [config.replace(seed=seed) for seed in seeds])
@@ -1028,11 +1059,30 @@ class SearchRunner:
                     "fail_reason",
                     f"{WORKER_DIED} (pid {worker['pid']} on {worker['host']})",
                 )
-                self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                if not self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
                 logger.warning("trial %d: its worker (pid %s) died; failed", trial.number, worker["pid"])
             except (RuntimeError, ValueError):  # finished meanwhile by another live worker
                 continue
+            self.retry_dead_workers_trial(self.optuna_study, self.rdb.get_trial(trial._trial_id))
         self.tracker.end_dead_parents()
+
+    def retry_dead_workers_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial failed because its worker died (its pid is gone, or its heartbeats stopped) is retried
+        once: the same knob set on the same seeds, as a new trial that names it (Optuna's
+        ``RetryFailedTrialCallback``; the new trial's ``retry_of`` attribute and MLflow tag)."""
+        if trial.user_attrs.get("fail_reason") is None:
+            # Failed by Optuna's heartbeat check: say why, as for a worker of this machine.
+            worker = trial.user_attrs.get("worker", {})
+            reason = f"{WORKER_DIED} (no heartbeat for {GRACE_SECONDS} s; pid {worker.get('pid')} on "
+            reason += f"{worker.get('host')})"
+            with contextlib.suppress(RuntimeError, ValueError):
+                self.rdb.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        # The retry carries the knob set and where it started from; the dead attempt's own record (its
+        # worker, seeds, reason) stays on the failed trial.
+        source = copy.deepcopy(trial)
+        source.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "start_point"}
+        RetryFailedTrialCallback(max_retry=1)(study, source)
 
     def score_and_judge(
         self,
@@ -1102,6 +1152,7 @@ class SearchRunner:
             self.outcomes.append(outcome)
             if outcome.reason:
                 logger.warning("trial %d failed: %s", trial.number, outcome.reason)
+            self.open_trial_run(trial, outcome)
             try:
                 for key, value in outcome.user_attrs().items():
                     trial.set_user_attr(key, value)
@@ -1120,6 +1171,17 @@ class SearchRunner:
                 self._told.notify_all()
             self._on_told()
 
+    def open_trial_run(self, trial: Trial, outcome: TrialOutcome) -> None:
+        """Open the trial's MLflow run before the tell, so that Optuna's record names it (run id, artifact
+        URI); the publisher fills it. If MLflow refuses, the publisher opens it later."""
+        tags = {"retry_of": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {}
+        try:
+            outcome.run_id, outcome.artifact_uri = self.tracker.open_trial_run(
+                trial.number, self.study_name, tags
+            )
+        except Exception as error:  # MLflow is the browsable copy; Optuna's tell comes first
+            logger.warning("trial %d: no MLflow run could be opened: %s", trial.number, one_line(error))
+
     def log_trial(
         self,
         number: int,
@@ -1131,10 +1193,13 @@ class SearchRunner:
         tags: Mapping[str, str] | None = None,
     ) -> None:
         """The trial's MLflow run (knobs, scores, per-seed values, previews, card and files)."""
+        frozen = self.rdb.get_trial(trial_id)
+        if "retry_of" in frozen.user_attrs:
+            tags = {**(tags or {}), "retry_of": str(frozen.user_attrs["retry_of"])}
         try:
             self.tracker.log_trial(
                 trial_number=number,
-                state=self.rdb.get_trial(trial_id).state.name,
+                state=frozen.state.name,
                 study=self.study_name,
                 config=config,
                 scores=outcome.scores,
@@ -1147,6 +1212,7 @@ class SearchRunner:
                 seed_objectives=[objective_metrics(v) for v in outcome.seed_values],
                 best_seed=outcome.best_seed,
                 tags=tags,
+                run_id=outcome.run_id,
             )
         except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
             logger.warning("trial %d was not logged to MLflow: %s", number, one_line(error))
@@ -1226,13 +1292,9 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
         seed_values=list(attrs.get("seed_values", [])),
         seed_scores=list(attrs.get("seed_scores", [])),
         best_seed=attrs.get("best_seed"),
+        run_id=attrs.get("mlflow_run_id"),
+        artifact_uri=attrs.get("artifact_uri"),
     )
-
-
-def is_cut_short(trial: optuna.trial.FrozenTrial) -> bool:
-    """A FAIL that judged nothing (Ctrl-C, a dead worker): it does not count against the budget."""
-    reason = str(trial.user_attrs.get("fail_reason", ""))
-    return reason == INTERRUPTED or reason.startswith((WORKER_DIED, DISK_FULL))
 
 
 def study_definition(study: StudyConfig) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,82 @@ from sounding_anagrams.errors import (
     ConfigError,
     SoundingAnagramsError,
     database_reason,
+    one_line,
     shown_url,
     unknown_name_message,
 )
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.search.stores import check_sqlite_file, open_storage
 from sounding_anagrams.search.study import StudyConfig
-from sounding_anagrams.search.tracking import objective_metrics
+from sounding_anagrams.search.tracking import is_server, objective_metrics, run_link
 
 logger = logging.getLogger(__name__)
+
+
+def tracking_uri_of(study: optuna.Study, given: str | None = None) -> str | None:
+    """The MLflow store the study's trials were logged to: ``given`` (``--tracking-uri``), else
+    ``MLFLOW_TRACKING_URI``, else the one the search recorded on the study."""
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or study.user_attrs.get("tracking_uri")
+
+
+def trial_location(
+    study: optuna.Study, trial: FrozenTrial, seed_index: int | None = None, *, tracking_uri: str | None = None
+) -> str:
+    """Where a person finds a trial's (or one seed's) files from this machine: its folder when it is here,
+    else its run's page on the MLflow server, else its artifact URI."""
+    attrs = trial.user_attrs
+    folders = attrs.get("render_folders") or []
+    if seed_index is not None and seed_index < len(folders):
+        local = folders[seed_index]
+    else:
+        local = attrs.get("trial_folder", attrs.get("render_folder"))
+    if local and Path(local).is_dir():
+        return str(local)
+    run_id, uri = attrs.get("mlflow_run_id"), tracking_uri_of(study, tracking_uri)
+    inside = f" (seed-{seed_index}/)" if seed_index is not None else ""
+    if run_id and uri and is_server(uri) and study.user_attrs.get("mlflow_experiment_id"):
+        return run_link(uri, study.user_attrs["mlflow_experiment_id"], run_id) + inside
+    if attrs.get("artifact_uri"):
+        return str(attrs["artifact_uri"]) + inside
+    return str(local or "-")
+
+
+def render_files(
+    study: optuna.Study, trial: FrozenTrial, seed_index: int, cache: Path, *, tracking_uri: str | None = None
+) -> Path:
+    """A render folder of a trial on this machine: its own folder if it is here, else downloaded once from
+    the trial's MLflow run (``<cache>/<run id>/seed-<k>``), so any machine can export and re-render it."""
+    attrs = trial.user_attrs
+    folders = attrs.get("render_folders") or [attrs.get("render_folder", "")]
+    local = Path(str(folders[seed_index])) if seed_index < len(folders) else Path("")
+    if (local / "config.yaml").is_file():
+        return local
+    run_id, uri = attrs.get("mlflow_run_id"), tracking_uri_of(study, tracking_uri)
+    if not run_id or not uri:
+        raise SoundingAnagramsError(
+            f"trial {trial.number}: its render folder {local} is not on this machine and the trial names no "
+            "MLflow run to download it from (a search older than runs on a tracking server?)"
+        )
+    target = cache / str(run_id) / f"seed-{seed_index}"
+    if not (target / "config.yaml").is_file():
+        import mlflow.artifacts
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            mlflow.artifacts.download_artifacts(
+                run_id=str(run_id), artifact_path=target.name, dst_path=str(target.parent), tracking_uri=uri
+            )
+        except Exception as error:  # the server's and the store's many kinds; the user needs the where
+            raise SoundingAnagramsError(
+                f"trial {trial.number}: its render folder {local} is not on this machine and downloading "
+                f"{target.name}/ of MLflow run {run_id} from {shown_url(uri)} failed: {one_line(error)}"
+            ) from None
+    if not (target / "config.yaml").is_file():
+        raise SoundingAnagramsError(
+            f"trial {trial.number}: MLflow run {run_id} at {shown_url(uri)} holds no "
+            f"{target.name}/config.yaml"
+        )
+    return target
 
 
 # Score columns of the leaderboard, first these (when present), then the others.
@@ -126,7 +194,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
-def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
+def leaderboard_text(study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None) -> str:
     """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
     ranked = ranked_trials(study)[:top]
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
@@ -154,7 +222,7 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
     header = ["rank", "trial"]
     for name in objectives:
         header += [name, "seeds min..max", "±95%"]
-    header += [*scores, *params, "start", "trial folder"]
+    header += [*scores, *params, "origin", "where (folder, or run on the MLflow server)"]
     rows = []
     for r in ranked:
         mark = "*" if r.pareto and len(study.directions) > 1 else ""
@@ -164,8 +232,8 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
         row += [_fmt(r.trial.user_attrs.get("scores", {}).get(name)) for name in scores]
         row += [_fmt(r.trial.params.get(name)) for name in params]
         row += [
-            str(r.trial.user_attrs.get("start_point", "-")),
-            str(r.trial.user_attrs.get("trial_folder", r.trial.user_attrs.get("render_folder", "-"))),
+            trial_origin(r.trial),
+            trial_location(study, r.trial, tracking_uri=tracking_uri),
         ]
         rows.append(row)
     lines.append(f"\nknob sets, ranked by the {how} over their seeds")
@@ -173,7 +241,7 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
     if len(study.directions) > 1:
         lines.append("* on the Pareto front")
     renders = single_renders(study)[:top]
-    header = ["rank", "trial", "seed", "seed value", *objectives, "render folder"]
+    header = ["rank", "trial", "seed", "seed value", *objectives, "where"]
     rows = [
         [
             str(i + 1),
@@ -181,7 +249,7 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
             str(r.seed_index),
             str(r.seed),
             *(f"{v:.4f}" for v in r.values),
-            r.folder,
+            trial_location(study, r.trial, r.seed_index, tracking_uri=tracking_uri),
         ]
         for i, r in enumerate(renders)
     ]
@@ -190,17 +258,30 @@ def leaderboard_text(study: optuna.Study, top: int = 10) -> str:
     return "\n".join(lines)
 
 
+def trial_origin(trial: FrozenTrial) -> str:
+    """Where a knob set came from: the baseline, a start point, a retry of a trial whose worker died, or the
+    sampler (``-``)."""
+    parts = [str(trial.user_attrs["start_point"])] if "start_point" in trial.user_attrs else []
+    if "retry_of" in trial.user_attrs:
+        parts.append(f"retry of {trial.user_attrs['retry_of']}")
+    return ", ".join(parts) or "-"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
     return "-" if value is None else str(value)
 
 
-def export_best(study: optuna.Study, out: Path) -> list[Path]:
+def export_best(
+    study: optuna.Study, out: Path, *, cache: Path | None = None, tracking_uri: str | None = None
+) -> list[Path]:
     """Write the best knob set's config (single objective) or the Pareto set's (several) under ``out``.
 
     Each file is the ``config.yaml`` of the knob set's best seed, which ``render --config`` re-renders, with a
-    header naming the study, the trial, its aggregate and per-seed values, and how to render more seeds.
+    header naming the study, the trial, its aggregate and per-seed values, and how to render more seeds. A
+    render made on another machine is downloaded from its MLflow run into ``cache`` (default
+    ``<out>/downloads``), pictures and sounds with it.
     """
     ranked = [r for r in ranked_trials(study) if r.pareto]
     if not ranked:
@@ -211,12 +292,10 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
     written = []
     for r in ranked:
         attrs = r.trial.user_attrs
-        folder = Path(str(attrs.get("render_folder", "")))
-        source = folder / "config.yaml"
-        if not source.exists():
-            raise SoundingAnagramsError(
-                f"trial {r.trial.number}: its render folder {folder} has no config.yaml (moved or deleted?)"
-            )
+        best_seed = int(attrs.get("best_seed", 0))
+        downloads = cache or out / "downloads"
+        source = render_files(study, r.trial, best_seed, downloads, tracking_uri=tracking_uri)
+        source = source / "config.yaml"
         values = ", ".join(
             f"{name} = {value:.4f}" for name, value in zip(objectives, r.trial.values, strict=False)
         )
@@ -258,9 +337,10 @@ def import_plotting() -> tuple[Any, Any]:
 
 
 def study_pictures(
-    study: optuna.Study, config: StudyConfig, folder: Path
+    study: optuna.Study, config: StudyConfig, folder: Path, *, cache: Path | None = None
 ) -> tuple[list[Path], dict[str, float]]:
-    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics."""
+    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics.
+    Renders of other workers' machines are downloaded into ``cache`` for the contact sheet."""
     plt, optuna_plots = import_plotting()
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -302,7 +382,7 @@ def study_pictures(
                 files.append(folder / filename)
             except (ValueError, RuntimeError, ZeroDivisionError) as error:
                 logger.info("skipped %s: %s", filename, error)
-    sheet = contact_sheet(study, folder / "best.png")
+    sheet = contact_sheet(study, folder / "best.png", cache=cache)
     if sheet is not None:
         files.append(sheet)
     metrics: dict[str, float] = {"trials_complete": float(len(complete))}
@@ -314,11 +394,23 @@ def study_pictures(
     return files, metrics
 
 
-def contact_sheet(study: optuna.Study, path: Path, top: int = 6, width: int = 512) -> Path | None:
-    """Rows of the best candidates: their view pictures and spectrogram side by side, labelled."""
+def contact_sheet(
+    study: optuna.Study, path: Path, top: int = 6, width: int = 512, *, cache: Path | None = None
+) -> Path | None:
+    """Rows of the best candidates: their view pictures and spectrogram side by side, labelled. Renders of
+    other machines are downloaded from their MLflow runs into ``cache`` (default beside ``path``)."""
     rows = []
     for r in ranked_trials(study)[:top]:
-        folder = Path(str(r.trial.user_attrs.get("render_folder", "")))
+        try:
+            folder = render_files(
+                study,
+                r.trial,
+                int(r.trial.user_attrs.get("best_seed", 0)),
+                cache or path.parent / "downloads",
+            )
+        except SoundingAnagramsError as error:
+            logger.info("contact sheet: %s", error)
+            continue
         pictures = [*sorted(folder.glob("view*.png")), folder / "spectrogram.png"]
         images = [Image.open(p).convert("RGB") for p in pictures if p.exists()]
         if not images:

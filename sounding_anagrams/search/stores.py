@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import warnings
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +16,12 @@ from filelock import FileLock
 
 from sounding_anagrams.errors import ConfigError, database_reason, shown_url
 
+logger = logging.getLogger(__name__)
+
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
-# A PostgreSQL advisory-lock key of this project's own: who opens an Optuna storage holds it meanwhile.
-POSTGRES_SCHEMA_LOCK = 7_310_522_108
+# The first key of this project's PostgreSQL advisory locks (two 32-bit keys: this one and the scope's).
+POSTGRES_LOCK_KEY = 731_052_210
 
 
 def check_sqlite_file(url: str) -> None:
@@ -45,14 +49,12 @@ def check_sqlite_file(url: str) -> None:
 
 
 @contextlib.contextmanager
-def schema_lock(url: str) -> Iterator[None]:
-    """Held while an Optuna storage is opened: the first opener creates its tables (and alembic's version
-    row), and two openers at the same moment (workers started together, a leaderboard while a search starts)
-    would both insert it (``UNIQUE constraint failed: alembic_version.version_num``).
+def storage_lock(url: str, scope: str = "") -> Iterator[None]:
+    """A lock every process using the storage at ``url`` shares, one per ``scope`` ("" for the schema).
 
-    sqlite: a lock file beside the database file (``optuna.db.lock``), so every process on the machine
-    shares it, whatever its ``--runs``. PostgreSQL: a session advisory lock on the server, shared by every
-    machine. Other databases: none.
+    sqlite: a lock file beside the database file (``optuna.db.lock``, ``optuna.db.<scope>.lock``), so every
+    process on the machine shares it, whatever its ``--runs``. PostgreSQL: a session advisory lock on the
+    server (this project's key and the scope's CRC-32), shared by every machine. Other databases: none.
     """
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
@@ -61,33 +63,100 @@ def schema_lock(url: str) -> Iterator[None]:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
-        with FileLock(f"{Path(parsed.database).resolve()}.lock"):
+        suffix = f".{zlib.crc32(scope.encode()):08x}.lock" if scope else ".lock"
+        with FileLock(f"{Path(parsed.database).resolve()}{suffix}"):
             yield
     elif backend == "postgresql":
+        keys = {"project": POSTGRES_LOCK_KEY, "scope": zlib.crc32(scope.encode()) - 2**31}
         engine = create_engine(url, poolclass=NullPool)
         try:
             with engine.connect() as connection:
-                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": POSTGRES_SCHEMA_LOCK})
+                connection.execute(text("SELECT pg_advisory_lock(:project, :scope)"), keys)
                 try:
                     yield
                 finally:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": POSTGRES_SCHEMA_LOCK})
+                    connection.execute(text("SELECT pg_advisory_unlock(:project, :scope)"), keys)
         finally:
             engine.dispose()
     else:
         yield
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def schema_lock(url: str) -> contextlib.AbstractContextManager[None]:
+    """Held while an Optuna storage is opened: the first opener creates its tables (and alembic's version
+    row), and two openers at the same moment (workers started together, a leaderboard while a search starts)
+    would both insert it (``UNIQUE constraint failed: alembic_version.version_num``)."""
+    return storage_lock(url)
+
+
+def ask_lock(url: str, study_name: str) -> contextlib.AbstractContextManager[None]:
+    """Held by a worker while it counts a study's trials and asks new ones: workers on many machines then
+    never ask more trials than the budget has left."""
+    return storage_lock(url, f"ask:{study_name}")
+
+
+def ensure_database(url: str, *, field: str) -> None:
+    """Create the PostgreSQL database ``url`` names if the server says it does not exist (a first worker, a
+    first server on a fresh PostgreSQL). Anything else is left to the store's own opening, which says it."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or not parsed.database:
+        return
+    engine = create_engine(parsed, poolclass=NullPool)
+    try:
+        engine.connect().close()
+        return
+    except Exception as error:
+        if "does not exist" not in str(error):
+            return
+    finally:
+        engine.dispose()
+    admin = create_engine(parsed.set(database="postgres"), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    keys = {"project": POSTGRES_LOCK_KEY, "scope": zlib.crc32(b"create database") - 2**31}
+    try:
+        with admin.connect() as connection:
+            # Workers started together all find it missing: one creates it, the others then see it.
+            connection.execute(text("SELECT pg_advisory_lock(:project, :scope)"), keys)
+            found = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": parsed.database}
+            ).first()
+            if found is None:
+                connection.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+            connection.execute(text("SELECT pg_advisory_unlock(:project, :scope)"), keys)
+    except Exception as error:
+        raise ConfigError(
+            field,
+            shown_url(url),
+            f"database {parsed.database!r} does not exist and could not be created: {database_reason(error)}",
+        ) from None
+    finally:
+        admin.dispose()
+    if found is None:
+        logger.warning("created database %s on %s", parsed.database, parsed.host)
+
+
+def open_storage(
+    url: str,
+    *,
+    on_stale_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+) -> optuna.storages.RDBStorage:
     """An RDB storage (sqlite for one machine, PostgreSQL for many) with heartbeats for killed workers,
-    opened under :func:`schema_lock`."""
+    opened under :func:`schema_lock`. ``on_stale_trial`` is called with each trial whose heartbeats stopped,
+    once it is failed (Optuna's ``heartbeat_stale_trial_callback``)."""
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # Heartbeats are "experimental" in Optuna; so are the stale-trial checks and plots that use them.
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     try:
         with schema_lock(url):
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=HEARTBEAT_SECONDS,
+                grace_period=GRACE_SECONDS,
+                heartbeat_stale_trial_callback=on_stale_trial,
             )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
         raise ConfigError(

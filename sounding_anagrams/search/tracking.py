@@ -1,8 +1,10 @@
 """A thin MLflow layer: one experiment per study, a parent run per search invocation, a nested run per trial.
 
 Written against ``MlflowClient`` (no global "active run"), so several search processes can log to one store.
-Default store: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<runs>/mlartifacts``;
-``MLFLOW_TRACKING_URI`` overrides it. Telemetry is switched off.
+Default store: ``sqlite:///<runs>/mlflow.db`` with artifacts under ``<runs>/mlartifacts``. ``--tracking-uri``
+or ``MLFLOW_TRACKING_URI`` overrides it; with an MLflow server (``http(s)://``) the experiments use the
+server's artifact location (``mlflow-artifacts:``, proxied by the server), so every worker's files land in one
+place whatever machine it runs on. Telemetry is switched off.
 """
 
 from __future__ import annotations
@@ -21,17 +23,31 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from filelock import FileLock
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sounding_anagrams.files import write_text_atomic
 from sounding_anagrams.search.workers import worker_is_dead
 
 PARENT_TAG = "mlflow.parentRunId"
+# A trial run opened when its trial is told, until its metrics, card and files are logged: a run that ends
+# (its worker died) with this tag still "true" is completed at the next start.
+PENDING_TAG = "pending"
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+
+
+def is_server(uri: str) -> bool:
+    """Whether ``uri`` names an MLflow tracking server (shared by machines) rather than a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person opens a run: the server's UI page for it."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 @cache
@@ -65,7 +81,8 @@ class Tracker:
         self.runs_dir = runs_dir
         self.tracking_uri = tracking_uri or default_tracking_uri(runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        # The first touch creates and migrates the store: one process at a time (two workers start together).
+        # The first touch creates and migrates a local store: one process of this machine at a time (two
+        # workers start together).
         with FileLock(str(runs_dir / ".mlflow.lock")):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = self._experiment(experiment, runs_dir)
@@ -73,10 +90,22 @@ class Tracker:
 
     def _experiment(self, experiment: str, runs_dir: Path) -> str:
         found = self.client.get_experiment_by_name(experiment)
-        if found is None:
-            artifacts = (runs_dir.resolve() / "mlartifacts" / experiment).as_uri()
-            return str(self.client.create_experiment(experiment, artifact_location=artifacts))
-        return str(found.experiment_id)
+        if found is not None:
+            return str(found.experiment_id)
+        # On a server, the server's own artifact root, proxied: one home for all workers.
+        local = (runs_dir / "mlartifacts" / experiment).resolve().as_uri()
+        try:
+            return str(
+                self.client.create_experiment(
+                    experiment, artifact_location=None if is_server(self.tracking_uri) else local
+                )
+            )
+        except MlflowException as error:
+            # A worker on another machine created it a moment ago (the lock above is this machine's only).
+            found = self.client.get_experiment_by_name(experiment)
+            if error.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+                raise
+            return str(found.experiment_id)
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         run = self.client.create_run(
@@ -126,12 +155,38 @@ class Tracker:
             self.client.log_artifacts(run_id, str(folder))
 
     def logged_trials(self) -> set[int]:
-        """The numbers of the trials that have an ended MLflow run in this experiment."""
+        """The numbers of the trials that have an ended, complete MLflow run in this experiment."""
         # Trial runs carry no "kind" tag (a filter on it would drop them all): their "trial" tag tells them.
         runs = self.client.search_runs(
             [self.experiment_id], "attributes.status != 'RUNNING'", max_results=50000
         )
-        return {int(run.data.tags["trial"]) for run in runs if run.data.tags.get("trial", "").isdigit()}
+        return {
+            int(run.data.tags["trial"])
+            for run in runs
+            if run.data.tags.get("trial", "").isdigit() and run.data.tags.get(PENDING_TAG) != "true"
+        }
+
+    def open_trial_run(self, trial_number: int, study: str, tags: Mapping[str, str]) -> tuple[str, str]:
+        """A trial's run, opened when the trial is told so that Optuna's record names it: (run id, artifact
+        URI). :meth:`log_trial` fills it."""
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"trial-{trial_number:04d}",
+            tags={
+                PARENT_TAG: self.parent_run_id or "",
+                "trial": str(trial_number),
+                "study": study,
+                PENDING_TAG: "true",
+                **tags,
+            },
+        )
+        return run.info.run_id, str(run.info.artifact_uri)
+
+    def link(self, run_id: str) -> str:
+        """A run's UI page on a server; on a local store its artifact folder."""
+        if is_server(self.tracking_uri):
+            return run_link(self.tracking_uri, self.experiment_id, run_id)
+        return str(self.client.get_run(run_id).info.artifact_uri)
 
     def end_parent(self, status: str = "FINISHED") -> None:
         if self.parent_run_id is not None:
@@ -163,8 +218,10 @@ class Tracker:
         seed_objectives: Sequence[Mapping[str, float]] = (),
         best_seed: int | None = None,
         tags: Mapping[str, str] | None = None,
+        run_id: str | None = None,
     ) -> str:
-        """One nested run per trial (one knob set on several seeds). Returns the run id.
+        """One nested run per trial (one knob set on several seeds), in ``run_id`` (opened when the trial was
+        told) or a new one. Returns the run id.
 
         Params: the knob set and its seeds. Metrics: the trial's aggregate objective(s) and mean scores, the
         spread of the objective over seeds (``objective/min``, ``objective/max``), every seed's own values
@@ -184,8 +241,10 @@ class Tracker:
             run_tags["best_seed"] = str(best_seed)
         if reason:
             run_tags["fail_reason"] = reason[:4000]
-        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=run_tags)
-        run_id = run.info.run_id
+        if run_id is None:
+            run_id = self.client.create_run(
+                self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=run_tags
+            ).info.run_id
         try:
             values: dict[str, float] = {**scores, **objectives}
             for name in objectives:
@@ -202,7 +261,9 @@ class Tracker:
             params = [Param(k, v) for k, v in flatten_params(config or {}).items()]
             # Synchronous: MLflow's asynchronous logging measured 1.0 s a trial here (its queue's flush
             # interval) against 0.07 s, on the publisher's path (docs/PERFORMANCE.md, "the pipeline").
-            self.client.log_batch(run_id, metrics=metrics, params=params)
+            self.client.log_batch(
+                run_id, metrics=metrics, params=params, tags=[RunTag(k, v) for k, v in run_tags.items()]
+            )
             if folder is not None and folder.is_dir():
                 card = folder / "card.html"
                 write_text_atomic(
@@ -226,10 +287,12 @@ class Tracker:
             # A run left RUNNING would look alive forever: end it, saying why its record is incomplete.
             try:
                 self.client.set_tag(run_id, "logging_error", str(error)[:4000])
+                self.client.set_tag(run_id, PENDING_TAG, "false")  # ended, as far as it goes
                 self.client.set_terminated(run_id, status="FAILED")
             except Exception:  # the store itself is what failed (e.g. the disk is full)
                 pass
             raise
+        self.client.set_tag(run_id, PENDING_TAG, "false")
         self.client.set_terminated(run_id, status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
         return run_id
 

@@ -1,4 +1,5 @@
-"""Who runs a trial, and whether that process is certainly gone (for failing a dead worker's trials)."""
+"""Who runs a trial, whether that process is certainly gone (for failing a dead worker's trials), and which
+failed trials were cut short rather than judged."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+# Reasons of a FAIL that judged nothing: such a trial does not count against the budget.
+INTERRUPTED = "interrupted"
+WORKER_DIED = "its worker died"
+DISK_FULL = "disk full"
 
 
 def _boot_id() -> str:
@@ -42,3 +48,10 @@ def worker_is_dead(worker: Mapping[str, Any]) -> bool:
     except PermissionError:  # alive, another user's
         return False
     return False
+
+
+def is_cut_short(trial: Any) -> bool:
+    """A FAIL that judged nothing (Ctrl-C, a dead worker, a full disk): it does not count against the
+    budget. ``trial`` is an Optuna ``FrozenTrial``."""
+    reason = str(trial.user_attrs.get("fail_reason", ""))
+    return reason == INTERRUPTED or reason.startswith((WORKER_DIED, DISK_FULL))

@@ -1,0 +1,219 @@
+"""Many workers on one study: ``search --workers N`` on one machine, and ``server``, the MLflow tracking
+server that workers on many machines log to.
+
+Kept free of torch and the models: the parent of the workers only starts, watches and stops processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sounding_anagrams.errors import ConfigError, shown_url
+from sounding_anagrams.search.workers import is_cut_short
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (none on a machine without)."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [name.strip() for name in listed.split(",") if name.strip() and name.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+def worker_argv(argv: Sequence[str]) -> list[str]:
+    """A worker's command line: the parent's, without ``--workers`` and with ``--quiet``."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--workers":
+            skip = True
+            continue
+        if arg.startswith("--workers="):
+            continue
+        out.append(arg)
+    return [*out, "--quiet"] if "--quiet" not in out else out
+
+
+def run_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``search --workers N``: N worker processes on one study, one GPU each when there are GPUs.
+
+    Each worker is a whole search process (it asks, renders, tells, logs); they share the study through its
+    storage and the MLflow store. One progress line here counts the study's finished trials. Ctrl-C (or
+    SIGTERM) is passed on once to every worker, which drains as a single search does; a second one abandons.
+    """
+    from sounding_anagrams.cli import checked_search, study_name_of
+    from sounding_anagrams.search.loop import SearchSettings, check_stores
+
+    study = checked_search(args)
+    gpus = visible_gpus()
+    if gpus and args.workers > len(gpus):
+        raise ConfigError(
+            "--workers",
+            args.workers,
+            f"this machine shows {len(gpus)} GPU(s) ({','.join(gpus)}): at most one worker per GPU",
+        )
+    # Once here, not by each worker: the databases and tables are made, and a server that does not answer is
+    # said before any worker starts.
+    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
+    logs = args.runs / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "sounding_anagrams.cli", *worker_argv(argv)]
+    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    interrupted: list[int] = []
+
+    def pass_on(signum: int, frame: Any) -> None:
+        interrupted.append(signum)
+        for process, _ in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    signal.signal(signal.SIGINT, pass_on)
+    signal.signal(signal.SIGTERM, pass_on)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for index in range(args.workers):
+        env = {**os.environ, "SOUNDING_ANAGRAMS_WORKER": str(index)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[index]
+        log = logs / f"{stamp}-worker-{index}.log"
+        with log.open("wb") as handle:
+            # Its own session: a Ctrl-C at the terminal reaches this parent only, which passes it on once.
+            processes.append(
+                (
+                    subprocess.Popen(
+                        command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    ),
+                    log,
+                )
+            )
+    where = f" on GPU {', '.join(gpus[: args.workers])}" if gpus else ""
+    name = study_name_of(study.name, args.models)
+    print(f"{args.workers} workers{where} on study {name}; their logs: {logs}/{stamp}-worker-*.log")
+    target = args.trials if args.trials is not None else study.budget.trials
+    watch_workers([p for p, _ in processes], args, target, quiet=args.quiet)
+    codes = [process.wait() for process, _ in processes]
+    for (process, log), code in zip(processes, codes, strict=True):
+        if code not in (0, 130) or (code == 130 and not interrupted):
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-5:]
+            print(f"worker pid {process.pid} ended with exit code {code}; {log}:", file=sys.stderr)
+            for line in tail:
+                print(f"  {line}", file=sys.stderr)
+    if interrupted:
+        print(
+            f"interrupted: every worker stopped (exit codes {codes}); finished trials are kept: run the "
+            "same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    failed = [code for code in codes if code != 0]
+    if failed:
+        return max(failed)
+    tiny = " --models tiny" if args.models == "tiny" else ""
+    storage = f" --storage {shown_url(args.storage)}" if args.storage else ""
+    print(
+        f"all {args.workers} workers finished: sounding-anagrams leaderboard {args.study}{tiny} "
+        f"--runs {args.runs}{storage}"
+    )
+    return 0
+
+
+def watch_workers(
+    processes: Sequence[subprocess.Popen[bytes]], args: argparse.Namespace, target: int | None, *, quiet: bool
+) -> None:
+    """One progress line for all workers: the study's finished trials, read from its storage."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=target, desc="trials (all workers)", unit="trial", disable=quiet)
+    try:
+        while any(process.poll() is None for process in processes):
+            finished = study_progress(args)
+            if finished is not None and finished > bar.n:
+                bar.update(finished - bar.n)
+            time.sleep(1)
+    finally:
+        bar.close()
+
+
+def study_progress(args: argparse.Namespace) -> int | None:
+    """The study's finished trials that count against the budget (None while it does not exist yet)."""
+    import optuna
+
+    from sounding_anagrams.cli import study_name_of
+    from sounding_anagrams.search.stores import open_storage
+
+    storage = args.storage or f"sqlite:///{args.runs.resolve() / 'optuna.db'}"
+    try:
+        study = optuna.load_study(
+            study_name=study_name_of(str(args.study), args.models), storage=open_storage(storage)
+        )
+    except (KeyError, ConfigError):
+        return None
+    finished = study.get_trials(
+        deepcopy=False,
+        states=(
+            optuna.trial.TrialState.COMPLETE,
+            optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL,
+        ),
+    )
+    return sum(not is_cut_short(t) for t in finished)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """``server``: an MLflow tracking server (this process becomes it) for workers on many machines."""
+    if not 1 <= args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    from sounding_anagrams.search.stores import ensure_database
+
+    ensure_database(args.backend_store_uri, field="--backend-store-uri")
+    destination = args.artifacts_destination
+    if "://" not in destination:
+        Path(destination).mkdir(parents=True, exist_ok=True)
+        destination = str(Path(destination).resolve())
+    local = args.host in ("127.0.0.1", "localhost", "::1")
+    uri = f"http://{args.host}:{args.port}" if local else f"http://<this machine's name>:{args.port}"
+    print(
+        f"MLflow tracking server: {uri}\n"
+        f"  runs in {shown_url(args.backend_store_uri)}; artifacts in {destination}, served by the server\n"
+        f"  workers: sounding-anagrams search STUDY --tracking-uri {uri} "
+        "--storage postgresql+psycopg://USER@DBHOST:5432/optuna\n"
+        "  Ctrl-C stops it",
+        flush=True,
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        args.backend_store_uri,
+        "--artifacts-destination",
+        destination,
+        "--serve-artifacts",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    if args.allowed_hosts:
+        command += ["--allowed-hosts", args.allowed_hosts]
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execv(sys.executable, command)
+    return 0  # not reached: this process is the server now

@@ -1,0 +1,48 @@
+"""Helpers for tests of worker processes: they wait on states in the study's storage, never on timing."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.search.stores import open_storage
+
+
+def running_trial_of(storage: str, study_name: str, pid: int) -> int | None:
+    """The number of a trial the worker with this pid is rendering now, per the study's storage."""
+    try:
+        # Opened as the search opens it (under the storage's lock): never racing a worker's schema creation.
+        study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    except KeyError:  # the study is not created yet
+        return None
+    except ConfigError as error:
+        if "does not exist" in str(error):  # nor its database, which the first worker creates
+            return None
+        raise
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker", {}).get("pid") == pid:
+            return trial.number
+    return None
+
+
+def kill_mid_trial(victim: subprocess.Popen, storage: str, study_name: str, timeout: float = 600) -> int:
+    """SIGKILL the worker while Optuna holds one of its trials RUNNING. It is stopped first (SIGSTOP), so
+    the trial seen RUNNING is certainly in flight when it dies. Returns that trial's number."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert victim.poll() is None, "the worker to kill ended before it could be killed"
+        assert time.monotonic() < deadline, f"the worker to kill rendered no trial in {timeout} s"
+        if running_trial_of(storage, study_name, victim.pid) is not None:
+            victim.send_signal(signal.SIGSTOP)
+            number = running_trial_of(storage, study_name, victim.pid)
+            if number is not None:
+                victim.send_signal(signal.SIGKILL)
+                victim.wait()
+                return number
+            victim.send_signal(signal.SIGCONT)
+        time.sleep(0.2)

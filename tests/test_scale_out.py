@@ -1,0 +1,266 @@
+"""Many workers, no shared disk: one study on PostgreSQL, one MLflow server (PostgreSQL backend, served
+artifacts), three worker processes with their own empty --runs folders; one is SIGKILLed mid-trial.
+
+Everything runs for real on loopback: the PostgreSQL server of this machine (the databases are created by
+the server and the workers, which find them missing, and dropped here), ``sounding-anagrams server`` on a
+free port, ``sounding-anagrams search`` workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow.artifacts
+import numpy as np
+import optuna
+import pytest
+import requests
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from PIL import Image
+
+from sounding_anagrams.cli import main
+from sounding_anagrams.search.stores import open_storage
+from sounding_anagrams.search.workers import is_cut_short
+from tests.processes import kill_mid_trial
+
+REPO = Path(__file__).resolve().parents[1]
+POSTGRES = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+BUDGET = 6  # knob sets; the tiny rotate study renders 2 seeds of each
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sounding_anagrams.cli", *args]
+
+
+@contextlib.contextmanager
+def fresh_databases(*names: str) -> Iterator[list[str]]:
+    """URLs of databases of their own on the PostgreSQL server, not created yet (skip without a server,
+    except under CI); dropped after."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    base = make_url(POSTGRES).set(drivername="postgresql+psycopg")
+    try:
+        engine = create_engine(base, isolation_level="AUTOCOMMIT")
+        engine.connect().close()
+    except Exception as error:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"no PostgreSQL at {POSTGRES}: {error}")
+    suffix = uuid.uuid4().hex[:10]
+    databases = [f"sa_{name}_{suffix}" for name in names]  # made by the server and the first worker
+    try:
+        yield [base.set(database=d).render_as_string(hide_password=False) for d in databases]
+    finally:
+        with engine.connect() as connection:
+            for database in databases:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def mlflow_server(backend: str, artifacts: Path, log: Path) -> Iterator[str]:
+    port = free_port()
+    with log.open("wb") as handle:
+        server = subprocess.Popen(
+            cli(
+                "server",
+                "--backend-store-uri",
+                backend,
+                "--artifacts-destination",
+                str(artifacts),
+                "--port",
+                str(port),
+            ),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, f"the MLflow server ended: {log.read_text()[-2000:]}"
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{uri}/health", timeout=5).ok:
+                    break
+            assert time.monotonic() < deadline, (
+                f"no MLflow server answered in 240 s: {log.read_text()[-2000:]}"
+            )
+            time.sleep(0.5)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture
+def shared_stores(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """(Optuna storage URL, MLflow server URI): fresh PostgreSQL databases and a server of their own."""
+    with (
+        fresh_databases("optuna", "mlflow") as (storage, backend),
+        mlflow_server(backend, tmp_path / "server-artifacts", tmp_path / "server.log") as uri,
+    ):
+        yield storage, uri
+
+
+@pytest.mark.slow
+def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive_a_kill(
+    shared_stores: tuple[str, str], tmp_path: Path, capsys
+):
+    storage, uri = shared_stores
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    workers = []
+    for index in range(3):
+        runs = tmp_path / f"machine-{index}"  # a machine of its own: nothing shared on disk
+        log = (tmp_path / f"worker-{index}.log").open("wb")
+        command = cli(
+            "search", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny",
+            "--storage", storage, "--tracking-uri", uri, "--runs", str(runs),
+            "--trials", str(BUDGET), "--batch", "2", "--quiet",
+        )  # fmt: skip
+        workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
+    victim, *survivors = workers
+    killed = kill_mid_trial(victim, storage, "rotate-tiny")
+    for index, survivor in enumerate(survivors, start=1):
+        assert survivor.wait(timeout=900) == 0, (tmp_path / f"worker-{index}.log").read_text()[-3000:]
+
+    study = optuna.load_study(study_name="rotate-tiny", storage=storage)
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The killed worker's trial failed (by a survivor, at once: its pid is gone on this machine)...
+    dead = study.trials[killed]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["pid"] == victim.pid
+    assert dead.user_attrs["fail_reason"].startswith(f"its worker died (pid {victim.pid} on ")
+    # ... and its knob set was retried once, on the same seeds, as a trial that names it.
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    assert len(retries) == 1 and retries[0].state.is_finished()
+    assert retries[0].params == dead.params and retries[0].user_attrs["seeds"] == dead.user_attrs["seeds"]
+    # Exactly the budget's knob sets, none rendered twice on the same seeds.
+    counted = [t for t in trials if t.state.is_finished() and not is_cut_short(t)]
+    assert len(counted) == BUDGET
+    renders = [(json.dumps(t.params, sort_keys=True), tuple(t.user_attrs["seeds"])) for t in counted]
+    assert len(set(renders)) == len(renders)
+    assert {t.user_attrs["worker"]["pid"] for t in counted} >= {s.pid for s in survivors}
+
+    # Every trial's files live on the server: one artifact store, reached by HTTP from anywhere.
+    client = MlflowClient(uri)
+    for trial in counted:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["trial"] == str(trial.number)
+        assert trial.user_attrs["artifact_uri"] == run.info.artifact_uri
+        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+        if trial.state != TrialState.COMPLETE:
+            continue
+        best = trial.user_attrs["best_seed"]
+        files = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id,
+                tracking_uri=uri,
+                dst_path=str(tmp_path / "check" / run.info.run_id),
+            )
+        )
+        for name in ("view0.png", "view1.png", "spectrogram.png", "audio0.wav", "config.yaml"):
+            assert (files / f"seed-{best}" / name).stat().st_size > 0, name
+        assert (files / "card.html").exists() and (files / f"seed-{best}" / "transition.mp4").exists()
+    retry_run = client.get_run(retries[0].user_attrs["mlflow_run_id"])
+    assert retry_run.data.tags["retry_of"] == str(killed)
+    assert {p.name for p in tmp_path.glob("machine-*/renders/*/*")} >= {
+        f"trial-{t.number:04d}" for t in counted
+    }
+
+    # A fourth machine, with an empty folder and none of the workers' disks (gone here): the leaderboard
+    # links the runs on the server, and the export downloads the best render's config, which re-renders it.
+    for index in range(3):
+        shutil.rmtree(tmp_path / f"machine-{index}")
+    fourth = tmp_path / "machine-3"
+    fourth.mkdir()
+    study_file = str(REPO / "studies" / "rotate.yaml")
+    where = ["--models", "tiny", "--storage", storage, "--runs", str(fourth)]
+    assert main(["leaderboard", study_file, *where]) == 0
+    board = capsys.readouterr().out
+    assert f"{uri}/#/experiments/" in board and "/runs/" in board
+    assert f"retry of {killed}" in board or retries[0].state != TrialState.COMPLETE
+    assert main(["export", study_file, *where, "--out", str(fourth / "exports")]) == 0
+    best = study.best_trial
+    exported = fourth / "exports" / f"rotate-tiny-trial-{best.number:04d}.yaml"
+    assert str(exported) in capsys.readouterr().out
+    best_seed = best.user_attrs["best_seed"]
+    assert yaml.safe_load(exported.read_text())["seed"] == best.user_attrs["seeds"][best_seed]
+    downloaded = fourth / "downloads" / best.user_attrs["mlflow_run_id"] / f"seed-{best_seed}"
+    assert main(["render", "--config", str(exported), "--quiet", "--out", str(fourth / "again")]) == 0
+    for name in ("view0.png", "view1.png", "spectrogram.png"):
+        again = np.asarray(Image.open(fourth / "again" / name), dtype=int)
+        first = np.asarray(Image.open(downloaded / name), dtype=int)
+        # Rendered in a batch of 2 by the worker, alone here: float sums in another order.
+        assert np.abs(again - first).max() <= 1, name
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_of_search_workers_cleanly(tmp_path: Path):
+    """``search --workers 2``: one Ctrl-C at the parent reaches each worker once; each drains, and the parent
+    says so and exits 130 with no worker left and no trial left RUNNING."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = cli(
+        "search", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny", "--runs", str(tmp_path),
+        "--trials", "40", "--batch", "2", "--workers", "2",
+    )  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 600
+    # Both workers are rendering (each holds a RUNNING trial) when the Ctrl-C comes.
+    while True:
+        assert parent.poll() is None, parent.communicate()
+        assert time.monotonic() < deadline, "the workers never both rendered"
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="rotate-tiny", storage=open_storage(storage))
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if len({t.user_attrs.get("worker", {}).get("pid") for t in running} - {None}) == 2:
+                break
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGINT)
+    out, err = parent.communicate(timeout=300)
+    assert parent.returncode == 130, out + err
+    assert "interrupted: every worker stopped (exit codes [130, 130])" in err
+    logs = sorted((tmp_path / "workers").glob("*-worker-*.log"))
+    assert len(logs) == 2
+    for log in logs:  # each worker drained once: a second signal would have said "abandoned"
+        text = log.read_text()
+        assert "interrupted: finished trials are kept" in text and "abandoned" not in text
+    study = optuna.load_study(study_name="rotate-tiny", storage=open_storage(storage))
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert {t.user_attrs["fail_reason"] for t in failed} <= {"interrupted"}
+
+
+def test_bad_worker_and_server_arguments_are_refused_with_what_is_allowed(tmp_path: Path, capsys):
+    study = str(REPO / "studies" / "rotate.yaml")
+    assert main(["search", study, "--models", "tiny", "--runs", str(tmp_path), "--workers", "0"]) == 2
+    assert "--workers=0: must be at least 1" in capsys.readouterr().err
+    assert main(["server", "--port", "70000"]) == 2
+    assert "--port=70000: must be a TCP port, 1 to 65535" in capsys.readouterr().err
