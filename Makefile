@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install test render search server ui leaderboard export bench lint clean
+.PHONY: install browser test render search server ui leaderboard export bench lint clean
 
 install: $(STAMP)
 
@@ -32,7 +32,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# Debian's chromium, headless, for the tests that look at the web pages (MLflow UI, optuna-dashboard) as a
+# person would. Root installs it; elsewhere, install the chromium package yourself.
+CHROMIUM ?= /usr/bin/chromium
+
+browser: $(CHROMIUM)
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+
+test: install browser
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 render: install
@@ -54,12 +63,11 @@ leaderboard: install
 export: install
 	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
-# The MLflow UI over the search's store, on loopback only.
+# MLflow's UI over the search's store, on loopback only, opened on the leaderboard of the study searched last
+# (STUDY=permute for another).
+STUDY ?=
 ui: install
-	@mkdir -p $(RUNS)
-	@echo "MLflow UI: http://127.0.0.1:$(PORT)  (store sqlite:///$(abspath $(RUNS))/mlflow.db; Ctrl-C stops it)"
-	MLFLOW_DISABLE_TELEMETRY=true $(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) \
-		--backend-store-uri sqlite:///$(abspath $(RUNS))/mlflow.db --default-artifact-root $(abspath $(RUNS))/mlartifacts
+	$(BIN)/sounding-anagrams ui $(STUDY) --runs $(RUNS) --port $(PORT) $(if $(MODELS),--models $(MODELS))
 
 bench: install
 	$(BIN)/python benchmarks/bench_sampler.py

@@ -196,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
             )
+    ui = commands.add_parser(
+        "ui",
+        help="MLflow's UI over a search's store, opened on a study's leaderboard",
+        description="Serve MLflow's UI over the store under --runs (loopback only by default) and print the "
+        "page of a study's leaderboard: its trials sorted by objective, with their scores and knobs. With an "
+        "MLflow server (--tracking-uri), print that page of the server.",
+    )
+    ui.add_argument("study", nargs="?", help="a study name or file (default: the study searched last)")
+    ui.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+    _add_runs_arguments(ui)
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ui.add_argument("--port", type=int, default=5000)
+
     server = commands.add_parser(
         "server",
         help="start an MLflow tracking server for many workers (PostgreSQL backend, served artifacts)",
@@ -567,6 +580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 return run_workers(args, argv)
             return run_search(args)
+        if args.command == "ui":
+            from sounding_anagrams.search.fleet import run_ui
+
+            return run_ui(args)
         if args.command == "server":
             from sounding_anagrams.search.fleet import run_server
 

@@ -128,14 +128,26 @@ def shared_stores(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield storage, uri
 
 
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts: any still running when it ends (a failed assertion) are killed, before the
+    stores they use are dropped."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @pytest.mark.slow
 def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive_a_kill(
-    shared_stores: tuple[str, str], tmp_path: Path, capsys
+    shared_stores: tuple[str, str], spawned: list[subprocess.Popen], tmp_path: Path, capsys
 ):
     storage, uri = shared_stores
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    workers = []
+    workers = spawned
     for index in range(3):
         runs = tmp_path / f"machine-{index}"  # a machine of its own: nothing shared on disk
         log = (tmp_path / f"worker-{index}.log").open("wb")
@@ -222,7 +234,7 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_worker_of_search_workers_cleanly(tmp_path: Path):
+def test_ctrl_c_stops_every_worker_of_search_workers_cleanly(spawned: list[subprocess.Popen], tmp_path: Path):
     """``search --workers 2``: one Ctrl-C at the parent reaches each worker once; each drains, and the parent
     says so and exits 130 with no worker left and no trial left RUNNING."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -232,6 +244,7 @@ def test_ctrl_c_stops_every_worker_of_search_workers_cleanly(tmp_path: Path):
     )  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    spawned.append(parent)
     deadline = time.monotonic() + 600
     # Both workers are rendering (each holds a RUNNING trial) when the Ctrl-C comes.
     while True:

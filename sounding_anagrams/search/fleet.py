@@ -217,3 +217,64 @@ def run_server(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(sys.executable, command)
     return 0  # not reached: this process is the server now
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    """``ui``: print the page of a study's leaderboard, and serve MLflow's UI over a local store (this process
+    becomes the server); an MLflow server (``--tracking-uri``) is its own UI."""
+    from mlflow.tracking import MlflowClient
+
+    from sounding_anagrams.cli import study_name_of
+    from sounding_anagrams.search.tracking import is_server, leaderboard_url
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    store = args.runs.resolve() / "mlflow.db"
+    if not uri:
+        if not store.is_file():
+            raise ConfigError(
+                "--runs", str(args.runs), "holds no mlflow.db: run a search first, or give --runs"
+            )
+        uri = f"sqlite:///{store}"
+    client = MlflowClient(tracking_uri=uri)
+    studies = {e.name: e.experiment_id for e in client.search_experiments() if e.name != "Default"}
+    if args.study:
+        name = study_name_of(str(args.study), args.models)
+        if name not in studies:
+            from sounding_anagrams.errors import unknown_name_message
+
+            raise ConfigError("study", name, unknown_name_message("study", name, sorted(studies)))
+    else:
+        last = client.search_runs(
+            list(studies.values()), max_results=1, order_by=["attributes.start_time DESC"]
+        )
+        if not last:
+            raise ConfigError("--runs", str(args.runs), "holds no search yet: run one first")
+        name = next(n for n, i in studies.items() if i == last[0].info.experiment_id)
+    if is_server(uri):
+        print(f"study {name}: {leaderboard_url(uri, studies[name])}")
+        return 0
+    page = leaderboard_url(f"http://{args.host}:{args.port}", studies[name])
+    print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--default-artifact-root",
+            str(args.runs.resolve() / "mlartifacts"),
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+            "--workers",
+            "1",  # one person browsing: starts in seconds, not four processes
+        ],
+    )
+    return 0  # not reached: this process is the server now

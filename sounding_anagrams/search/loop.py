@@ -37,7 +37,7 @@ import numpy as np
 import optuna
 import torch
 from filelock import FileLock
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
@@ -89,6 +89,8 @@ from sounding_anagrams.search.workers import (
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
+# Score columns of the leaderboard view in MLflow's UI, beside the objective(s) and the searched knobs.
+LEADERBOARD_SCORES = ("clip/alignment", "clip/concealment", "clap/audio0")
 PREVIEW_LAG = 0.1  # of the steps: how long a preview is scored in the background before its decision
 PREVIEW_VAE_BATCH = 4  # x0 previews per VAE call: fewer, larger device calls; GPU memory grows with it
 AGGREGATORS: dict[str, Callable[[np.ndarray], Any]] = {
@@ -411,9 +413,20 @@ class SearchRunner:
         # Where every worker's trials are browsed and downloaded from (leaderboard, export, on any machine).
         self.optuna_study.set_user_attr("tracking_uri", shown_url(self.tracker.tracking_uri))
         self.optuna_study.set_user_attr("mlflow_experiment_id", self.tracker.experiment_id)
+        names = list(objective_metrics([0.0] * len(study.objectives)))
+        self.tracker.set_leaderboard_view(
+            [
+                *(f"metrics.`{name}`" for name in names),
+                *(f"metrics.`{names[0]}/{end}`" for end in ("min", "max")),
+                *(f"metrics.`{score}`" for score in LEADERBOARD_SCORES),
+                *(f"params.`{param.name}`" for param in study.space),
+                "tags.`state`",
+            ],
+            order_by=names[0],
+        )
         self.sampler = JointSampler(models, max_unet_batch=settings.max_unet_batch)
         self.unet_samples = 0
-        self._last_heartbeat = 0.0
+        self._stop_beating = threading.Event()
         self.outcomes: list[TrialOutcome] = []  # of the trials told by this run
         # Trials asked and not yet told, by number; the lock makes each tell happen once.
         self._untold: dict[int, Trial] = {}
@@ -470,6 +483,8 @@ class SearchRunner:
         # The next batch is asked in the background while this one samples, as soon as the one before is
         # told: the device goes from batch to batch without waiting for Optuna.
         self.asker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-ask")
+        self._stop_beating.clear()
+        threading.Thread(target=self.beat, name="search-heartbeat", daemon=True).start()
         try:
             # The first batch is asked while the search's MLflow run starts.
             upcoming = self.asker.submit(self.next_batch, None, deadline, target, per_call)
@@ -535,6 +550,7 @@ class SearchRunner:
             raise
         finally:
             bar.close()
+            self._stop_beating.set()
             self.stop_asking()
             self.previewer.shutdown(wait=True, cancel_futures=True)
             self.judge.close()
@@ -739,7 +755,7 @@ class SearchRunner:
         params = {param.name: suggest(trial, param) for param in self.study.space}
         config = self.study.candidate_config(params)
         # A retry of a trial whose worker died renders the seeds of the trial it retries.
-        retry_of = RetryFailedTrialCallback.retried_trial_number(self.rdb.get_trial(trial._trial_id))
+        retry_of = RetryHeartbeatStaleTrialCallback.retried_trial_number(self.rdb.get_trial(trial._trial_id))
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
         # Only the benchmark's single-seed baseline design searches "seed" itself; study files cannot.
@@ -759,7 +775,7 @@ class SearchRunner:
         trials = [self.optuna_study.ask() for _ in range(k)]
         with self._tell_lock:
             self._untold.update((trial.number, trial) for trial in trials)
-        self.heartbeat(trials, force=True)
+        self.heartbeat(trials)
         batch = Batch(trials, visible)
         for trial in trials:
             trial.set_user_attr("worker", this_worker())
@@ -793,9 +809,6 @@ class SearchRunner:
 
         def on_step(state: StepState) -> list[int]:
             self.check_stop_requested()
-            self.heartbeat(
-                list({plans[owner[c]].trial.number: plans[owner[c]].trial for c in state.candidates}.values())
-            )
             rendering: dict[int, list[tuple[int, int]]] = {}  # plan -> (row, render) of its seeds still going
             for row, c in enumerate(state.candidates):
                 rendering.setdefault(owner[c], []).append((row, c))
@@ -925,7 +938,6 @@ class SearchRunner:
         """
         if self._abandon.is_set():
             return
-        self.heartbeat(batch.trials, force=True)
         plans = batch.plans
         try:
             if batch.output is not None:
@@ -1032,14 +1044,21 @@ class SearchRunner:
     def candidate(config: RenderConfig, pictures: list[Any], waves: list[Any]) -> Candidate:
         return Candidate(pictures, waves, config.image_prompts, config.audio_prompts)
 
-    def heartbeat(self, trials: Sequence[Trial], *, force: bool = False) -> None:
-        """Tell the storage these trials are alive (at most every HEARTBEAT_SECONDS unless ``force``)."""
-        now = time.monotonic()
-        if not force and now - self._last_heartbeat < HEARTBEAT_SECONDS:
-            return
-        self._last_heartbeat = now
+    def heartbeat(self, trials: Sequence[Trial]) -> None:
+        """Tell the storage these trials are alive."""
         for trial in trials:
             self.rdb.record_heartbeat(trial._trial_id)
+
+    def beat(self) -> None:
+        """The heartbeat thread: every trial asked and not yet told is said alive every HEARTBEAT_SECONDS,
+        however long a step, a decode or a tell takes (a slow step must not look like a dead worker)."""
+        while not self._stop_beating.wait(HEARTBEAT_SECONDS):
+            with self._tell_lock:
+                alive = list(self._untold.values())
+            try:
+                self.heartbeat(alive)
+            except Exception as error:  # the store is busy or gone: the next beat, or the search, says so
+                logger.warning("heartbeat not recorded: %s", one_line(error))
 
     def fail_stale_trials(self) -> None:
         """Trials of workers that died become FAIL, so nothing of a dead process stays RUNNING.
@@ -1070,7 +1089,7 @@ class SearchRunner:
     def retry_dead_workers_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial failed because its worker died (its pid is gone, or its heartbeats stopped) is retried
         once: the same knob set on the same seeds, as a new trial that names it (Optuna's
-        ``RetryFailedTrialCallback``; the new trial's ``retry_of`` attribute and MLflow tag)."""
+        ``RetryHeartbeatStaleTrialCallback``; the new trial's ``retry_of`` attribute and MLflow tag)."""
         if trial.user_attrs.get("fail_reason") is None:
             # Failed by Optuna's heartbeat check: say why, as for a worker of this machine.
             worker = trial.user_attrs.get("worker", {})
@@ -1082,7 +1101,7 @@ class SearchRunner:
         # worker, seeds, reason) stays on the failed trial.
         source = copy.deepcopy(trial)
         source.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "start_point"}
-        RetryFailedTrialCallback(max_retry=1)(study, source)
+        RetryHeartbeatStaleTrialCallback(max_retry=1)(study, source)
 
     def score_and_judge(
         self,

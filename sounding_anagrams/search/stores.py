@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import sqlite3
+import sys
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -15,8 +15,6 @@ import optuna
 from filelock import FileLock
 
 from sounding_anagrams.errors import ConfigError, database_reason, shown_url
-
-logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
@@ -97,7 +95,8 @@ def ask_lock(url: str, study_name: str) -> contextlib.AbstractContextManager[Non
 
 def ensure_database(url: str, *, field: str) -> None:
     """Create the PostgreSQL database ``url`` names if the server says it does not exist (a first worker, a
-    first server on a fresh PostgreSQL). Anything else is left to the store's own opening, which says it."""
+    first server on a fresh PostgreSQL), and say so. Anything else is left to the store's own opening, which
+    says what is wrong."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
@@ -135,7 +134,7 @@ def ensure_database(url: str, *, field: str) -> None:
     finally:
         admin.dispose()
     if found is None:
-        logger.warning("created database %s on %s", parsed.database, parsed.host)
+        print(f"created PostgreSQL database {parsed.database!r} on {parsed.host}", file=sys.stderr)
 
 
 def open_storage(

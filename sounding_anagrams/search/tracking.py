@@ -34,6 +34,9 @@ PARENT_TAG = "mlflow.parentRunId"
 # A trial run opened when its trial is told, until its metrics, card and files are logged: a run that ends
 # (its worker died) with this tag still "true" is completed at the next start.
 PENDING_TAG = "pending"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow's UI reads a view of the runs table from an experiment tag of this prefix (its "shared views").
+SHARED_VIEW_TAG, LEADERBOARD_VIEW = "mlflow.sharedViewState.", "leaderboard"
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
@@ -43,6 +46,12 @@ def default_tracking_uri(runs_dir: Path) -> str:
 def is_server(uri: str) -> bool:
     """Whether ``uri`` names an MLflow tracking server (shared by machines) rather than a local store."""
     return uri.startswith(("http://", "https://"))
+
+
+def leaderboard_url(ui: str, experiment_id: str) -> str:
+    """The page of MLflow's UI at ``ui`` that shows a study's trials as its leaderboard (see
+    :meth:`Tracker.set_leaderboard_view`)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?viewStateShareKey={LEADERBOARD_VIEW}"
 
 
 def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -86,6 +95,8 @@ class Tracker:
         with FileLock(str(runs_dir / ".mlflow.lock")):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = self._experiment(experiment, runs_dir)
+        # MLflow's UI opens an experiment of this kind on its runs table (not its GenAI overview of traces).
+        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_run_id: str | None = None
 
     def _experiment(self, experiment: str, runs_dir: Path) -> str:
@@ -106,6 +117,25 @@ class Tracker:
             if error.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
                 raise
             return str(found.experiment_id)
+
+    def set_leaderboard_view(self, columns: Sequence[str], order_by: str) -> None:
+        """The experiment's "leaderboard" view in MLflow's UI (a shared view, kept as an experiment tag): the
+        runs sorted by ``order_by`` (a metric), with these columns (``metrics.`objective```,
+        ``params.`audio_weight```, ...). :func:`leaderboard_url` opens it."""
+        state = {
+            "searchFilter": "",
+            "orderByKey": f"metrics.`{order_by}`",
+            "orderByAsc": False,
+            "startTime": "ALL",
+            "lifecycleFilter": "Active",
+            "datasetsFilter": [],
+            "modelVersionFilter": "All Runs",
+            "selectedColumns": list(columns),
+            "runsHiddenMode": "SHOW_ALL",
+        }
+        self.client.set_experiment_tag(
+            self.experiment_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(state)
+        )
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         run = self.client.create_run(

@@ -1,0 +1,161 @@
+"""What a person sees in a real browser (Debian's chromium, headless, driven by Playwright): ``make ui`` lands
+on the study's leaderboard, and a trial's pictures and sound are a click away.
+
+Screenshots go to ``$SOUNDING_ANAGRAMS_SCREENSHOTS`` (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from optuna.trial import TrialState
+
+from tests.designed_judges import JUDGED_STUDY as STUDY
+from tests.designed_judges import designed_judges
+from tests.test_search import runner_for
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+
+
+def screenshots(tmp_path: Path) -> Path:
+    folder = Path(os.environ.get("SOUNDING_ANAGRAMS_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"no chromium at {CHROMIUM}: `make browser` installs it")
+        pytest.skip(f"no chromium at {CHROMIUM} (make browser installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(command: list[str], port: int, log: Path) -> Iterator[str]:
+    """Run a server command; yield the first line it printed once its port answers."""
+    with log.open("wb") as handle:
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline().decode()
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, f"the server ended: {first}{log.read_text()[-2000:]}"
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            assert time.monotonic() < deadline, f"nothing answered on port {port}: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield first
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.mark.slow
+def test_make_ui_lands_on_the_leaderboard_and_a_trial_shows_its_pictures_and_sound(
+    tiny_models, browser, tmp_path: Path
+):
+    runner = runner_for({**STUDY, "budget": {"trials": 4}}, tiny_models, designed_judges(), tmp_path)
+    runner.run()
+    complete = runner.optuna_study.get_trials(states=(TrialState.COMPLETE,))
+    ranked = [f"trial-{t.number:04d}" for t in sorted(complete, key=lambda t: -t.values[0])]
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "sounding_anagrams.cli",
+        "ui",
+        "--runs",
+        str(tmp_path),
+        "--port",
+        str(port),
+    ]
+    shots = screenshots(tmp_path)
+    with served(command, port, tmp_path / "ui.log") as printed:
+        # The printed page is the study's leaderboard.
+        assert printed.startswith("MLflow UI, study unit: http://127.0.0.1:")
+        url = printed.split(": ", 1)[1].strip()
+        assert url.endswith("/runs?viewStateShareKey=leaderboard")
+        page = browser.new_page(viewport={"width": 2200, "height": 900})  # type: ignore[attr-defined]
+        page.goto(url)
+        page.get_by_text(ranked[0], exact=True).first.wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "mlflow-leaderboard.png"))
+        headers = page.locator("[role=columnheader]").all_inner_texts()
+        for column in ("Run Name", "Metrics", "Parameters", "objective", "objective/min", "clip/alignment"):
+            assert column in headers, (column, headers)
+        # Sorted by objective, best first: the rows read in the leaderboard's order.
+        names = [n for n in page.locator("a").all_inner_texts() if n.startswith("trial-")]
+        assert [n for n in names if n in ranked] == ranked, names
+        # One click: the best trial, its artifacts, its card with pictures and sound.
+        page.get_by_text(ranked[0], exact=True).first.click()
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("card.html", exact=True).first.click()
+        card = _frame_with_images(page)
+        page.screenshot(path=str(shots / "mlflow-trial-card.png"))
+        pictures = card.evaluate("[...document.images].map(i => ({src: i.src, width: i.naturalWidth}))")
+        assert pictures and all(p["width"] > 0 for p in pictures), pictures
+        assert any("view0.png" in p["src"] for p in pictures) and any(
+            "spectrogram" in p["src"] for p in pictures
+        )
+        sounds = card.evaluate("[...document.querySelectorAll('audio')].map(a => a.src)")
+        assert sounds and all("audio0.wav" in src for src in sounds), sounds
+        # The player's source is the WAV itself, served by the UI (fetched from the UI's page: the viewer's
+        # frame is sandboxed).
+        head = page.evaluate(
+            "src => fetch(src).then(r => r.arrayBuffer()).then(b => new TextDecoder().decode(b.slice(0, 4)))",
+            sounds[0],
+        )
+        assert head == "RIFF"
+
+
+def _frame_with_images(page, timeout: float = 60):
+    """The frame MLflow's artifact viewer shows an HTML artifact in, once its pictures have loaded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for frame in page.frames:
+            with contextlib.suppress(Exception):
+                if frame.evaluate(
+                    "document.images.length > 0 && document.querySelector('audio') !== null"
+                    " && [...document.images].every(i => i.complete && i.naturalWidth > 0)"
+                ):
+                    return frame
+        page.wait_for_timeout(500)
+    raise AssertionError("the card's pictures never loaded in MLflow's artifact viewer")
+
+
+def test_ui_without_a_search_says_what_to_do(tmp_path: Path, capsys):
+    from sounding_anagrams.cli import main
+
+    assert main(["ui", "--runs", str(tmp_path)]) == 2
+    assert "holds no mlflow.db: run a search first" in capsys.readouterr().err
