@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import optuna
+import requests
 from optuna.trial import TrialState
 
 from sounding_anagrams.errors import ConfigError
@@ -46,3 +52,38 @@ def kill_mid_trial(victim: subprocess.Popen, storage: str, study_name: str, time
                 return number
             victim.send_signal(signal.SIGCONT)
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(command: list[str], port: int, log: Path, timeout: float = 240) -> Iterator[str]:
+    """Run a server command in its own session; yield the first line it printed once its port answers
+    ``/health``; stop it (and what it started) after."""
+    with log.open("wb") as handle:
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, start_new_session=True)
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline().decode()
+        deadline = time.monotonic() + timeout
+        while True:
+            assert server.poll() is None, f"the server ended: {first}{log.read_text()[-2000:]}"
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            assert time.monotonic() < deadline, f"nothing answered on port {port}: {log.read_text()[-2000:]}"
+            time.sleep(0.5)
+        yield first
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,6 @@ import mlflow.artifacts
 import numpy as np
 import optuna
 import pytest
-import requests
 import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -34,7 +32,7 @@ from PIL import Image
 from sounding_anagrams.cli import main
 from sounding_anagrams.search.stores import open_storage
 from sounding_anagrams.search.workers import is_cut_short
-from tests.processes import kill_mid_trial
+from tests.processes import free_port, kill_mid_trial, served
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -71,51 +69,17 @@ def fresh_databases(*names: str) -> Iterator[list[str]]:
         engine.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def mlflow_server(backend: str, artifacts: Path, log: Path) -> Iterator[str]:
+    """``sounding-anagrams server`` on a free loopback port; yields its URI."""
     port = free_port()
-    with log.open("wb") as handle:
-        server = subprocess.Popen(
-            cli(
-                "server",
-                "--backend-store-uri",
-                backend,
-                "--artifacts-destination",
-                str(artifacts),
-                "--port",
-                str(port),
-            ),
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"the MLflow server ended: {log.read_text()[-2000:]}"
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{uri}/health", timeout=5).ok:
-                    break
-            assert time.monotonic() < deadline, (
-                f"no MLflow server answered in 240 s: {log.read_text()[-2000:]}"
-            )
-            time.sleep(0.5)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    command = cli(
+        "server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
+        "--port", str(port),
+    )  # fmt: skip
+    with served(command, port, log) as printed:
+        assert printed.startswith(f"MLflow tracking server: http://127.0.0.1:{port}"), printed
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture

@@ -286,3 +286,33 @@ def test_the_pruner_sees_only_the_trials_finished_when_the_batch_was_asked():
     assert should_prune(study, trial, frozenset({0, 1}))
     # Asked before any trial was finished: it sees none of them, and is kept (n_startup_trials=1).
     assert not should_prune(study, trial, frozenset())
+
+
+def test_study_pictures_say_what_they_show(tmp_path: Path):
+    """The contact sheet's columns name each view with its prompt, then the sound; Optuna's plots get a title
+    that says what is drawn and axis names a person reads."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sounding_anagrams.search.report import readable, sheet_headers
+
+    (tmp_path / "config.yaml").write_text(
+        "views: [identity, tile_rotate_cw]\nimage_prompts: [a garden, a helicopter]\n"
+        "audio_prompts: [bird chirping]\n"
+    )
+    assert sheet_headers(tmp_path, 3) == [
+        'view 0: identity\n"a garden"',
+        'view 1: tile_rotate_cw\n"a helicopter"',
+        'spectrogram (the sound)\n"bird chirping"',
+    ]
+    figure, axes = plt.subplots()
+    axes.set_title("Hyperparameter Importances", loc="left")
+    axes.set_xlabel("Hyperparameter Importance")
+    axes.set_ylabel("Hyperparameter")
+    readable(figure, "rotate: how much each knob moves the objective")
+    assert axes.get_title(loc="left") == ""
+    assert axes.get_title() == "rotate: how much each knob moves the objective"
+    assert axes.get_ylabel() == "knob" and axes.get_xlabel().startswith("importance (PED-ANOVA")
+    plt.close(figure)

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import requests
 from optuna.trial import TrialState
 
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
+from tests.processes import free_port, served
 from tests.test_search import runner_for
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -47,39 +44,6 @@ def browser() -> Iterator[object]:
             yield launched
         finally:
             launched.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextlib.contextmanager
-def served(command: list[str], port: int, log: Path) -> Iterator[str]:
-    """Run a server command; yield the first line it printed once its port answers."""
-    with log.open("wb") as handle:
-        server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, start_new_session=True)
-    try:
-        assert server.stdout is not None
-        first = server.stdout.readline().decode()
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, f"the server ended: {first}{log.read_text()[-2000:]}"
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    break
-            assert time.monotonic() < deadline, f"nothing answered on port {port}: {log.read_text()[-2000:]}"
-            time.sleep(0.5)
-        yield first
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow

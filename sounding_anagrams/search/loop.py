@@ -1090,13 +1090,15 @@ class SearchRunner:
         """A trial failed because its worker died (its pid is gone, or its heartbeats stopped) is retried
         once: the same knob set on the same seeds, as a new trial that names it (Optuna's
         ``RetryHeartbeatStaleTrialCallback``; the new trial's ``retry_of`` attribute and MLflow tag)."""
-        if trial.user_attrs.get("fail_reason") is None:
-            # Failed by Optuna's heartbeat check: say why, as for a worker of this machine.
+        if trial.user_attrs.get("fail_reason") is None:  # failed by Optuna's heartbeat check
             worker = trial.user_attrs.get("worker", {})
-            reason = f"{WORKER_DIED} (no heartbeat for {GRACE_SECONDS} s; pid {worker.get('pid')} on "
-            reason += f"{worker.get('host')})"
-            with contextlib.suppress(RuntimeError, ValueError):
-                self.rdb.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            logger.warning(
+                "trial %d: no heartbeat from its worker (pid %s on %s) for %d s; failed and retried",
+                trial.number,
+                worker.get("pid"),
+                worker.get("host"),
+                GRACE_SECONDS,
+            )
         # The retry carries the knob set and where it started from; the dead attempt's own record (its
         # worker, seeds, reason) stays on the failed trial.
         source = copy.deepcopy(trial)
@@ -1212,10 +1214,10 @@ class SearchRunner:
         tags: Mapping[str, str] | None = None,
     ) -> None:
         """The trial's MLflow run (knobs, scores, per-seed values, previews, card and files)."""
-        frozen = self.rdb.get_trial(trial_id)
-        if "retry_of" in frozen.user_attrs:
-            tags = {**(tags or {}), "retry_of": str(frozen.user_attrs["retry_of"])}
         try:
+            frozen = self.rdb.get_trial(trial_id)
+            if "retry_of" in frozen.user_attrs:
+                tags = {**(tags or {}), "retry_of": str(frozen.user_attrs["retry_of"])}
             self.tracker.log_trial(
                 trial_number=number,
                 state=frozen.state.name,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 from optuna.trial import FrozenTrial, TrialState
 from PIL import Image, ImageDraw
 
@@ -336,6 +337,32 @@ def import_plotting() -> tuple[Any, Any]:
     return plt, optuna_plots
 
 
+PLOT_TITLES = {
+    "history.png": "objective of each trial, and the best so far",
+    "pareto.png": "the objectives of each trial; the Pareto front",
+    "importances.png": "how much each knob moves the objective",
+}
+
+
+def readable(figure: Any, title: str) -> None:
+    """Optuna's plots, readable at the size MLflow shows them: a title that says what is drawn, the legend
+    inside the axes (outside, it took half the width), trial axes named as such."""
+    renamed = {
+        "Trial": "trial number",
+        "Hyperparameter": "knob",
+        "Hyperparameter Importance": "importance (PED-ANOVA: share of the objective's spread)",
+    }
+    for axes in figure.axes:
+        for where in ("left", "right"):  # Optuna titles some plots on the left
+            axes.set_title("", loc=where)
+        axes.set_title(title, fontsize=12)
+        if axes.get_legend() is not None:
+            axes.legend(loc="best", fontsize=9, framealpha=0.8)
+        axes.set_xlabel(renamed.get(axes.get_xlabel(), axes.get_xlabel()))
+        axes.set_ylabel(renamed.get(axes.get_ylabel(), axes.get_ylabel()))
+        axes.tick_params(labelsize=9)
+
+
 def study_pictures(
     study: optuna.Study, config: StudyConfig, folder: Path, *, cache: Path | None = None
 ) -> tuple[list[Path], dict[str, float]]:
@@ -376,6 +403,7 @@ def study_pictures(
                 axes = draw()
                 figure = axes.figure if hasattr(axes, "figure") else axes.flatten()[0].figure
                 figure.set_size_inches(8, 5)
+                readable(figure, f"{study.study_name}: {PLOT_TITLES[filename]}")
                 figure.tight_layout()
                 figure.savefig(folder / filename, dpi=100)
                 plt.close(figure)
@@ -394,12 +422,49 @@ def study_pictures(
     return files, metrics
 
 
+def sheet_font(size: int) -> Any:
+    """A TrueType font (matplotlib's DejaVu Sans) of ``size`` pixels; PIL's small bitmap font without it."""
+    from PIL import ImageFont
+
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+    except (ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def sheet_headers(render: Path, pictures: int) -> list[str]:
+    """Column titles of a contact sheet: each view with its prompt, then the spectrogram (the sound)."""
+    try:
+        config = yaml.safe_load((render / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        config = {}
+    views, prompts = list(config.get("views") or []), list(config.get("image_prompts") or [])
+    sounds = ", ".join(str(p) for p in config.get("audio_prompts") or [])
+    titles = [
+        f"view {i}: {views[i] if i < len(views) else '?'}\n" + (f'"{prompts[i]}"' if i < len(prompts) else "")
+        for i in range(pictures - 1)
+    ]
+    return [*titles, "spectrogram (the sound)\n" + (f'"{sounds}"' if sounds else "")]
+
+
+def fitted(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
+    """``text`` cut with an ellipsis to ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
 def contact_sheet(
     study: optuna.Study, path: Path, top: int = 6, width: int = 512, *, cache: Path | None = None
 ) -> Path | None:
     """Rows of the best candidates: their view pictures and spectrogram side by side, labelled. Renders of
     other machines are downloaded from their MLflow runs into ``cache`` (default beside ``path``)."""
     rows = []
+    headers: list[str] = []
     for r in ranked_trials(study)[:top]:
         try:
             folder = render_files(
@@ -415,6 +480,8 @@ def contact_sheet(
         images = [Image.open(p).convert("RGB") for p in pictures if p.exists()]
         if not images:
             continue
+        if not headers:
+            headers = sheet_headers(folder, len(images))
         scale = width / max(image.width for image in images)
         images = [
             image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
@@ -422,20 +489,28 @@ def contact_sheet(
         ]
         values = ", ".join(f"{v:.4f}" for v in r.trial.values)
         seed = r.trial.user_attrs.get("best_seed")
-        label = f"#{r.rank} trial {r.trial.number}: {values}" + (
-            "" if seed is None else f" (best seed {seed})"
+        label = f"#{r.rank}  trial {r.trial.number}: {values}" + (
+            "" if seed is None else f"  (its best seed, {seed})"
         )
         rows.append((label, images))
     if not rows:
         return None
-    label_h, pad = 16, 6
+    font, small = sheet_font(20), sheet_font(16)
+    label_h, header_h, pad = 30, 46, 8
     row_heights = [label_h + max(i.height for i in images) for _, images in rows]
     row_width = max(sum(i.width + pad for i in images) for _, images in rows)
-    sheet = Image.new("RGB", (row_width, sum(row_heights) + pad * len(rows)), "white")
+    sheet = Image.new("RGB", (row_width, header_h + sum(row_heights) + pad * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
-    y = 0
+    x = 0
+    for header, image in zip(headers, rows[0][1], strict=False):
+        for line, text in enumerate(header.splitlines()):
+            draw.text(
+                (x + 2, 2 + 21 * line), fitted(draw, text, small, image.width - 4), fill="#444", font=small
+            )
+        x += image.width + pad
+    y = header_h
     for (label, images), height in zip(rows, row_heights, strict=True):
-        draw.text((2, y + 2), label, fill="black")
+        draw.text((2, y + 4), label, fill="black", font=font)
         x = 0
         for image in images:
             sheet.paste(image, (x, y + label_h))

@@ -52,6 +52,9 @@ def worker_is_dead(worker: Mapping[str, Any]) -> bool:
 
 def is_cut_short(trial: Any) -> bool:
     """A FAIL that judged nothing (Ctrl-C, a dead worker, a full disk): it does not count against the
-    budget. ``trial`` is an Optuna ``FrozenTrial``."""
-    reason = str(trial.user_attrs.get("fail_reason", ""))
-    return reason == INTERRUPTED or reason.startswith((WORKER_DIED, DISK_FULL))
+    budget. ``trial`` is an Optuna ``FrozenTrial``. A FAIL with no reason at all was failed by Optuna's
+    heartbeat check (the search gives a reason to every trial it fails): its worker died."""
+    if trial.state.name != "FAIL":
+        return False
+    reason = trial.user_attrs.get("fail_reason")
+    return reason is None or reason == INTERRUPTED or str(reason).startswith((WORKER_DIED, DISK_FULL))
