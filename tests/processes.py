@@ -20,7 +20,8 @@ from sounding_anagrams.search.stores import open_storage
 
 
 def running_trial_of(storage: str, study_name: str, pid: int) -> int | None:
-    """The number of a trial the worker with this pid is rendering now, per the study's storage."""
+    """The number of a trial the worker with this pid is rendering now (its knob set and seeds chosen), per
+    the study's storage."""
     try:
         # Opened as the search opens it (under the storage's lock): never racing a worker's schema creation.
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
@@ -31,7 +32,8 @@ def running_trial_of(storage: str, study_name: str, pid: int) -> int | None:
             return None
         raise
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("worker", {}).get("pid") == pid:
+        # Rendering: its knob set and seeds are chosen (just after the ask, they are not yet).
+        if trial.user_attrs.get("worker", {}).get("pid") == pid and "seeds" in trial.user_attrs:
             return trial.number
     return None
 

@@ -461,8 +461,10 @@ def fitted(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
 def contact_sheet(
     study: optuna.Study, path: Path, top: int = 6, width: int = 512, *, cache: Path | None = None
 ) -> Path | None:
-    """Rows of the best candidates: their view pictures and spectrogram side by side, labelled. Renders of
-    other machines are downloaded from their MLflow runs into ``cache`` (default beside ``path``)."""
+    """The study's sheet, to read or print: a row per best knob set (its rank, value and best seed; its mean
+    scores and knobs), with its best render's view pictures and spectrogram side by side under column titles
+    naming each view and its prompt. Renders of other machines are downloaded from their MLflow runs into
+    ``cache`` (default beside ``path``)."""
     rows = []
     headers: list[str] = []
     for r in ranked_trials(study)[:top]:
@@ -492,11 +494,14 @@ def contact_sheet(
         label = f"#{r.rank}  trial {r.trial.number}: {values}" + (
             "" if seed is None else f"  (its best seed, {seed})"
         )
-        rows.append((label, images))
+        scores = r.trial.user_attrs.get("scores", {})
+        details = [f"{name} {scores[name]:.4f}" for name in SHOWN_SCORES if name in scores]
+        details += [f"{name} {_fmt(value)}" for name, value in sorted(r.trial.params.items())]
+        rows.append((label + "\n" + "   ".join(details), images))
     if not rows:
         return None
     font, small = sheet_font(20), sheet_font(16)
-    label_h, header_h, pad = 30, 46, 8
+    label_h, header_h, pad = 50, 46, 8
     row_heights = [label_h + max(i.height for i in images) for _, images in rows]
     row_width = max(sum(i.width + pad for i in images) for _, images in rows)
     sheet = Image.new("RGB", (row_width, header_h + sum(row_heights) + pad * len(rows)), "white")
@@ -510,7 +515,9 @@ def contact_sheet(
         x += image.width + pad
     y = header_h
     for (label, images), height in zip(rows, row_heights, strict=True):
-        draw.text((2, y + 4), label, fill="black", font=font)
+        title, knobs = label.split("\n", 1)
+        draw.text((2, y + 2), title, fill="black", font=font)
+        draw.text((2, y + 26), fitted(draw, knobs, small, row_width - 4), fill="#444", font=small)
         x = 0
         for image in images:
             sheet.paste(image, (x, y + label_h))
