@@ -241,3 +241,15 @@ def test_bad_worker_and_server_arguments_are_refused_with_what_is_allowed(tmp_pa
     assert "--workers=0: must be at least 1" in capsys.readouterr().err
     assert main(["server", "--port", "70000"]) == 2
     assert "--port=70000: must be a TCP port, 1 to 65535" in capsys.readouterr().err
+
+
+def test_a_worker_runs_the_parents_command_without_workers_and_quiet(monkeypatch):
+    from sounding_anagrams.search.fleet import visible_gpus, worker_argv
+
+    argv = ["search", "studies/rotate.yaml", "--workers", "4", "--trials", "8", "--workers=4"]
+    assert worker_argv(argv) == ["search", "studies/rotate.yaml", "--trials", "8", "--quiet"]
+    assert worker_argv([*argv, "--quiet"]).count("--quiet") == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")
+    assert visible_gpus() == ["2", "5"]  # one worker each, named as the scheduler named them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert visible_gpus() == []

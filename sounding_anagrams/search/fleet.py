@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from optuna.trial import TrialState
+
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.workers import is_cut_short
 
@@ -137,43 +139,31 @@ def run_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def watch_workers(
     processes: Sequence[subprocess.Popen[bytes]], args: argparse.Namespace, target: int | None, *, quiet: bool
 ) -> None:
-    """One progress line for all workers: the study's finished trials, read from its storage."""
+    """One progress line for all workers: the study's finished trials that count against the budget, read
+    from its storage every second."""
+    import optuna
     from tqdm.auto import tqdm
 
+    from sounding_anagrams.cli import study_name_of
+    from sounding_anagrams.search.stores import default_storage, open_storage
+
+    name = study_name_of(str(args.study), args.models)
+    storage = open_storage(args.storage or default_storage(args.runs))  # made by check_stores already
     bar = tqdm(total=target, desc="trials (all workers)", unit="trial", disable=quiet)
     try:
         while any(process.poll() is None for process in processes):
-            finished = study_progress(args)
-            if finished is not None and finished > bar.n:
-                bar.update(finished - bar.n)
+            try:
+                finished = optuna.load_study(study_name=name, storage=storage).get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+                )
+            except KeyError:  # no worker has created the study yet
+                finished = []
+            counted = sum(not is_cut_short(t) for t in finished)
+            if counted > bar.n:
+                bar.update(counted - bar.n)
             time.sleep(1)
     finally:
         bar.close()
-
-
-def study_progress(args: argparse.Namespace) -> int | None:
-    """The study's finished trials that count against the budget (None while it does not exist yet)."""
-    import optuna
-
-    from sounding_anagrams.cli import study_name_of
-    from sounding_anagrams.search.stores import open_storage
-
-    storage = args.storage or f"sqlite:///{args.runs.resolve() / 'optuna.db'}"
-    try:
-        study = optuna.load_study(
-            study_name=study_name_of(str(args.study), args.models), storage=open_storage(storage)
-        )
-    except (KeyError, ConfigError):
-        return None
-    finished = study.get_trials(
-        deepcopy=False,
-        states=(
-            optuna.trial.TrialState.COMPLETE,
-            optuna.trial.TrialState.PRUNED,
-            optuna.trial.TrialState.FAIL,
-        ),
-    )
-    return sum(not is_cut_short(t) for t in finished)
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -72,6 +72,7 @@ from sounding_anagrams.search.stores import (
     HEARTBEAT_SECONDS,
     ask_lock,
     check_sqlite_file,
+    default_storage,
     ensure_database,
     open_storage,
 )
@@ -287,7 +288,7 @@ class SearchSummary:
 
 
 def storage_url(settings: SearchSettings) -> str:
-    return settings.storage or f"sqlite:///{settings.runs_dir.resolve() / 'optuna.db'}"
+    return settings.storage or default_storage(settings.runs_dir)
 
 
 def check_stores(settings: SearchSettings) -> None:

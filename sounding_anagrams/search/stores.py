@@ -22,6 +22,11 @@ GRACE_SECONDS = 300
 POSTGRES_LOCK_KEY = 731_052_210
 
 
+def default_storage(runs_dir: Path) -> str:
+    """The Optuna storage of a search without ``--storage``: a sqlite file under its ``--runs``."""
+    return f"sqlite:///{runs_dir.resolve() / 'optuna.db'}"
+
+
 def check_sqlite_file(url: str) -> None:
     """Refuse a sqlite storage whose file is damaged (``PRAGMA quick_check``), before it is used.
 
