@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install browser test render search server ui leaderboard export bench lint clean
+.PHONY: install browser test render search server ui dashboard prefer leaderboard export bench lint clean
 
 install: $(STAMP)
 
@@ -61,13 +61,28 @@ leaderboard: install
 	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
 export: install
-	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
+	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES) \
+		$(if $(PREFER),--prefer)
 
 # MLflow's UI over the search's store, on loopback only, opened on the leaderboard of the study searched last
 # (STUDY=permute for another).
 STUDY ?=
 ui: install
 	$(BIN)/sounding-anagrams ui $(STUDY) --runs $(RUNS) --port $(PORT) $(if $(MODELS),--models $(MODELS))
+
+# optuna-dashboard over the search's storage: each trial's views, spectrogram, clip and sound (loopback only).
+DASHBOARD_PORT ?= 8080
+dashboard: install
+	$(BIN)/sounding-anagrams dashboard $(STUDY) --runs $(RUNS) --port $(DASHBOARD_PORT) $(if $(MODELS),--models $(MODELS)) \
+		$(if $(STORAGE),--storage $(STORAGE))
+
+# A person steers: `make prefer VIEW=rotate [MODELS=tiny] [FROM_SEARCH=1]` shows candidates side by side in
+# optuna-dashboard; the person clicks the worst, a preferential GP proposes the next.
+FROM_SEARCH ?=
+prefer: install
+	$(BIN)/sounding-anagrams prefer studies/$(VIEW).yaml --runs $(RUNS) --port $(DASHBOARD_PORT) \
+		$(if $(MODELS),--models $(MODELS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(FROM_SEARCH),--from-search) \
+		$(if $(STORAGE),--storage $(STORAGE))
 
 bench: install
 	$(BIN)/python benchmarks/bench_sampler.py

@@ -17,9 +17,8 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS, RenderConfig
 from sounding_anagrams.errors import (
     ConfigError,
     DiskFullError,
@@ -29,6 +28,10 @@ from sounding_anagrams.errors import (
     is_disk_full,
     one_line,
 )
+from sounding_anagrams.hub import AUFFUSION_ID, SD15_ID, TINY_MODELS
+
+if TYPE_CHECKING:
+    from sounding_anagrams.config import RenderConfig
 
 
 def finite_float(text: str) -> float:
@@ -173,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--max-unet-batch", type=int, default=None, help="chunk UNet batches to this many samples"
     )
+    search.add_argument(
+        "--artifact-store",
+        default=None,
+        help="where the trials' media go for optuna-dashboard: a folder (a shared one for many machines) or "
+        "s3://bucket (default <runs>/optuna-artifacts)",
+    )
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.add_argument(
         "--workers",
@@ -192,9 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_runs_arguments(command)
         if name == "leaderboard":
             command.add_argument("--top", type=int, default=10)
+            command.add_argument(
+                "--format",
+                default="table",
+                help="table (default), markdown, csv (the knob sets) or json (both tables, as numbers)",
+            )
         else:
             command.add_argument(
                 "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
+            )
+            command.add_argument(
+                "--prefer", action="store_true", help="the candidates a person preferred in `prefer`'s study"
             )
     ui = commands.add_parser(
         "ui",
@@ -203,11 +220,46 @@ def build_parser() -> argparse.ArgumentParser:
         "page of a study's leaderboard: its trials sorted by objective, with their scores and knobs. With an "
         "MLflow server (--tracking-uri), print that page of the server.",
     )
-    ui.add_argument("study", nargs="?", help="a study name or file (default: the study searched last)")
-    ui.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+    _study_page_arguments(ui)
     _add_runs_arguments(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="optuna-dashboard over a search's storage, with each trial's pictures, clip and sound",
+        description="Serve optuna-dashboard (loopback only by default) over the Optuna storage under --runs "
+        "(or --storage) and the study's artifact store, and print the page of the study's best trial: its "
+        "views, spectrogram and clip shown, its sound played.",
+    )
+    _study_page_arguments(dashboard)
+    dashboard_arguments(dashboard)
+
+    prefer = commands.add_parser(
+        "prefer",
+        help="a person steers: compare candidates in optuna-dashboard, a preferential GP proposes the next",
+        description="Run a preferential study over a study file's space: --candidates candidates at a time "
+        "are rendered and shown side by side in optuna-dashboard (each one's clip: the views turning while "
+        "its sound plays); the person clicks the worst, and optuna-dashboard's preferential GP sampler "
+        "proposes the next knob set from every choice so far. Needs the [prefer] extra (BoTorch).",
+    )
+    prefer.add_argument("study", type=Path, help="a study file, e.g. studies/rotate.yaml")
+    prefer.add_argument(
+        "--models", help="'tiny' (offline, CPU), 'default', or a folder with image/ and audio/"
+    )
+    prefer.add_argument("--candidates", type=int, default=4, help="candidates shown at a time (default 4)")
+    prefer.add_argument(
+        "--trials", type=int, default=None, help="candidates to make in all (default: the study's budget)"
+    )
+    prefer.add_argument(
+        "--from-search",
+        action="store_true",
+        help="start from the top knob sets of the study's automatic search (same storage) instead of random",
+    )
+    dashboard_arguments(prefer)
+    prefer.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study's)")
+    prefer.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard here")
+    prefer.add_argument("--quiet", action="store_true", help="no progress bars")
 
     server = commands.add_parser(
         "server",
@@ -241,7 +293,25 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_SERVER_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
 
 
-def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
+def _study_page_arguments(parser: argparse.ArgumentParser) -> None:
+    """The study whose page a UI opens on (``ui``, ``dashboard``)."""
+    parser.add_argument("study", nargs="?", help="a study name or file (default: the study searched last)")
+    parser.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+
+
+def dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The stores and the address of an optuna-dashboard (``dashboard``, ``prefer``)."""
+    _runs_and_storage(parser)
+    parser.add_argument(
+        "--artifact-store",
+        default=None,
+        help="the media's store: a folder or s3://bucket (default: the study's, or <runs>/optuna-artifacts)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080)
+
+
+def _runs_and_storage(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs",
         type=Path,
@@ -253,6 +323,10 @@ def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Optuna storage URL (default sqlite:///<runs>/optuna.db; PostgreSQL for many machines)",
     )
+
+
+def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
+    _runs_and_storage(parser)
     parser.add_argument(
         "--tracking-uri",
         default=None,
@@ -280,8 +354,8 @@ def study_name_of(study: str, models: str | None) -> str:
     return f"{name}-tiny" if models == "tiny" and not name.endswith("-tiny") else name
 
 
-def checked_search(args: argparse.Namespace) -> Any:
-    """The study of ``search`` with its overrides, once every argument is checked (before any work)."""
+def study_with_overrides(args: argparse.Namespace) -> Any:
+    """The study file of ``search`` or ``prefer``, with ``--models`` and ``--device`` applied."""
     from sounding_anagrams.search.study import load_study
 
     study = load_study(args.study, tiny=args.models == "tiny")
@@ -289,6 +363,12 @@ def checked_search(args: argparse.Namespace) -> Any:
         study = dataclasses.replace(study, render=study.render.replace(**models_overrides(args.models)))
     if args.device:
         study = dataclasses.replace(study, render=study.render.replace(device=args.device))
+    return study
+
+
+def checked_search(args: argparse.Namespace) -> Any:
+    """The study of ``search`` with its overrides, once every argument is checked (before any work)."""
+    study = study_with_overrides(args)
     if args.batch is not None:
         from sounding_anagrams.search.study import check_batch
 
@@ -311,7 +391,7 @@ def run_search(args: argparse.Namespace) -> int:
     study = checked_search(args)
 
     from sounding_anagrams.evaluation.evaluate import Scorers
-    from sounding_anagrams.sampler.models import load_models
+    from sounding_anagrams.sampler.models import load_models_for
     from sounding_anagrams.search.loop import SearchRunner, SearchSettings
     from sounding_anagrams.search.report import leaderboard_text
 
@@ -321,14 +401,12 @@ def run_search(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.loop import check_stores
 
     check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
+    if args.artifact_store is not None:
+        from sounding_anagrams.search.media import open_artifact_store
+
+        open_artifact_store(args.artifact_store)
     render_config = study.render
-    models = load_models(
-        render_config.image_model,
-        render_config.audio_model,
-        device=render_config.device,
-        dtype=render_config.dtype,
-        with_vocoder=render_config.vocoder == "hifigan",
-    )
+    models = load_models_for(render_config)
     scorers = Scorers.load(models="tiny" if tiny else None, device=str(models.device))
     settings = SearchSettings(
         runs_dir=args.runs,
@@ -339,6 +417,7 @@ def run_search(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         max_unet_batch=args.max_unet_batch,
         tracking_uri=args.tracking_uri,
+        artifact_store=args.artifact_store,
     )
     runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
 
@@ -375,42 +454,56 @@ def run_search(args: argparse.Namespace) -> int:
 
 
 def _open_study(args: argparse.Namespace) -> Any:
-    from sounding_anagrams.search.loop import SearchSettings, storage_url
-    from sounding_anagrams.search.report import load_study_from_storage
-
-    storage = storage_url(SearchSettings(runs_dir=args.runs, storage=args.storage))
     if args.storage is None and not (args.runs / "optuna.db").exists():
         raise ConfigError(
             "--runs", str(args.runs), "holds no optuna.db: run a search first or pass --runs/--storage"
         )
-    return load_study_from_storage(study_name_of(args.study, args.models), storage)
+    from sounding_anagrams.search.report import load_study_from_storage
+    from sounding_anagrams.search.stores import default_storage
+
+    storage = args.storage or default_storage(args.runs)
+    name = study_name_of(args.study, args.models)
+    if getattr(args, "prefer", False) and not name.endswith("-prefer"):
+        name += "-prefer"
+    return load_study_from_storage(name, storage)
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:
-    from sounding_anagrams.search.report import leaderboard_text
-
     if args.top < 1:
         raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
+    formats = ("table", "markdown", "csv", "json")
+    if args.format not in formats:
+        from sounding_anagrams.errors import unknown_name_message
 
-    print(leaderboard_text(_open_study(args), top=args.top, tracking_uri=args.tracking_uri))
+        raise ConfigError("--format", args.format, unknown_name_message("format", args.format, formats))
+    study = _open_study(args)
+    from sounding_anagrams.search.report import leaderboard_text
+
+    print(leaderboard_text(study, top=args.top, tracking_uri=args.tracking_uri, format=args.format))
     return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
+    study = _open_study(args)
+    from sounding_anagrams.search.prefer import export_preferred, is_preferential
     from sounding_anagrams.search.report import export_best
 
-    written = export_best(
-        _open_study(args),
-        args.out or args.runs / "exports",
-        cache=args.runs / "downloads",
-        tracking_uri=args.tracking_uri,
-    )
+    out = args.out or args.runs / "exports"
+    if is_preferential(study):  # `prefer`'s study: the candidates the person preferred
+        written = export_preferred(study, out)
+    else:
+        written = export_best(study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri)
     for path in written:
         print(f"{path}    (sounding-anagrams render --config {path})")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    missing = [str(folder) for folder in args.folders if not Path(folder).is_dir()]
+    if missing:  # said before the scorers load (seconds, or a download)
+        raise ConfigError(
+            "folders", missing[0], "not a folder: give render folders (with config.yaml) or folders of them"
+        )
     from sounding_anagrams.evaluation.evaluate import Scorers, evaluate_folders, format_table
 
     quiet_libraries()
@@ -465,6 +558,8 @@ def models_overrides(models: str | None) -> dict[str, str]:
 
 
 def render_config_from_args(args: argparse.Namespace) -> RenderConfig:
+    from sounding_anagrams.config import RenderConfig
+
     base = RenderConfig.from_yaml(args.config) if args.config else RenderConfig()
     overrides: dict[str, Any] = {
         dest: getattr(args, dest) for dest, _ in _RENDER_FLAGS.values() if hasattr(args, dest)
@@ -522,18 +617,12 @@ def run_render(args: argparse.Namespace) -> int:
 
     # Imported here so that `--help` and input errors answer at once, before diffusers loads.
     from sounding_anagrams.render import render
-    from sounding_anagrams.sampler.models import load_models
+    from sounding_anagrams.sampler.models import load_models_for
 
     quiet_libraries()
 
     started = time.perf_counter()
-    models = load_models(
-        config.image_model,
-        config.audio_model,
-        device=config.device,
-        dtype=config.dtype,
-        with_vocoder=config.vocoder == "hifigan",
-    )
+    models = load_models_for(config)
     print(
         f"models loaded on {models.device} ({str(models.dtype).removeprefix('torch.')}) "
         f"in {time.perf_counter() - started:.1f}s",
@@ -584,6 +673,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sounding_anagrams.search.fleet import run_ui
 
             return run_ui(args)
+        if args.command == "dashboard":
+            from sounding_anagrams.search.dashboard import run_dashboard
+
+            return run_dashboard(args)
+        if args.command == "prefer":
+            from sounding_anagrams.search.prefer import run_prefer
+
+            return run_prefer(args)
         if args.command == "server":
             from sounding_anagrams.search.fleet import run_server
 

@@ -17,6 +17,7 @@ import yaml
 
 from sounding_anagrams.errors import ConfigError, unknown_name_message
 from sounding_anagrams.files import read_yaml_mapping
+from sounding_anagrams.hub import AUFFUSION_ID, SD15_ID, TINY_MODELS
 from sounding_anagrams.sampler.views import (
     View,
     check_view_weights,
@@ -24,9 +25,7 @@ from sounding_anagrams.sampler.views import (
     parse_view,
 )
 
-SD15_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-AUFFUSION_ID = "auffusion/auffusion-full-no-adapter"
-TINY_MODELS = "tiny"
+__all__ = ["AUFFUSION_ID", "SD15_ID", "TINY_MODELS", "RenderConfig"]
 
 SCHEDULERS = ("ddim", "dpmsolver++")
 VOCODERS = ("hifigan", "griffin_lim")

@@ -17,6 +17,8 @@ import yaml
 
 from sounding_anagrams.errors import ConfigError
 
+CLIP_FILE = "transition.mp4"  # a render's clip: its views turning while its sound plays
+
 
 def read_text(path: Path, field: str, *, hint: str = "") -> str:
     """The UTF-8 text of ``path``; a missing, unreadable, binary or empty file is a ConfigError."""

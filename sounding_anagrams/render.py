@@ -5,7 +5,8 @@ A render folder holds::
     view0.png, view1.png, ...   what each view shows (SD's VAE, the view applied at 8x in pixels)
     spectrogram.png             the canvas as Auffusion's VAE decodes it, right strip cropped (what is heard)
     audio0.wav, ...             one 16 kHz WAV per audio prompt (the canvas, or the canvas under view a)
-    transition.mp4              view 0 turning into view 1 and back (H.264; made for complete candidates)
+    transition.mp4              view 0 turning into view 1 and back, playing audio0 (H.264 + AAC; complete
+                                candidates)
     config.yaml                 re-renders exactly this candidate
     render.json                 seed, device, dtype, steps done (or preview_percent: a pruned trial's x0
                                 preview), sample counts, file list
@@ -35,7 +36,8 @@ from PIL import Image
 
 from sounding_anagrams.animation import transition_frames, write_mp4
 from sounding_anagrams.config import RenderConfig
-from sounding_anagrams.sampler.audio import MelConfig, griffin_lim, image_to_log_mel, write_wav
+from sounding_anagrams.files import CLIP_FILE
+from sounding_anagrams.sampler.audio import MelConfig, griffin_lim, image_to_log_mel, read_wav, write_wav
 from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepCallback
 from sounding_anagrams.sampler.vocoder import vocode
@@ -43,7 +45,6 @@ from sounding_anagrams.sampler.vocoder import vocode
 logger = logging.getLogger(__name__)
 
 MEL = MelConfig()
-CLIP_FILE = "transition.mp4"
 # Threads that write render folders while the next candidate decodes (encoders release the GIL).
 WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 # zlib level 1: a third less encoding time than the default 6 for files about 7% larger (a search writes
@@ -172,13 +173,20 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array, mode="L")
 
 
-def write_clip(folder: Path, config: RenderConfig, pictures: Sequence[torch.Tensor]) -> Path:
-    """``transition.mp4`` of a candidate from its view pictures ``(3, H, W)`` in [0, 1] (in memory or read
-    back from its PNGs: a clip can be made again from the files alone). Written whole or not at all."""
+def write_clip(
+    folder: Path, config: RenderConfig, pictures: Sequence[torch.Tensor], sound: np.ndarray | None = None
+) -> Path:
+    """``transition.mp4`` of a candidate from its view pictures ``(3, H, W)`` in [0, 1] and its first sound
+    ``(N,)`` (in memory, or read back from its files: a clip can be made again from the files alone).
+    Written whole or not at all."""
     path = folder / CLIP_FILE
     partial = folder / f".{CLIP_FILE}.partial.mp4"
+    if sound is None and (folder / "audio0.wav").is_file():
+        sound = read_wav(folder / "audio0.wav")[0]
+    seconds = 0.0 if sound is None else len(sound) / MEL.sample_rate
     try:
-        write_mp4(partial, transition_frames(config.parsed_views(), pictures))
+        frames = transition_frames(config.parsed_views(), pictures, seconds=seconds)
+        write_mp4(partial, frames, sound=sound, sample_rate=MEL.sample_rate)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -335,4 +343,6 @@ def _write_result(result: RenderResult, decoded: Decoded, metadata: dict[str, An
     result.files = write_render_folder(result.folder, result.config, decoded, metadata)
     result.decoded = decoded
     if with_clip:
-        result.files["transition"] = write_clip(result.folder, result.config, decoded.pictures)
+        result.files["transition"] = write_clip(
+            result.folder, result.config, decoded.pictures, decoded.waves[0] if decoded.waves else None
+        )

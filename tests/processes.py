@@ -19,39 +19,44 @@ from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.search.stores import open_storage
 
 
-def running_trial_of(storage: str, study_name: str, pid: int) -> int | None:
-    """The number of a trial the worker with this pid is rendering now (its knob set and seeds chosen), per
-    the study's storage."""
+def running_trials_of(storage: str, study_name: str, pid: int) -> list[int]:
+    """The numbers of the trials the worker with this pid has in flight now (their knob sets and seeds
+    chosen: rendering, or rendered and not yet told), per the study's storage."""
     try:
         # Opened as the search opens it (under the storage's lock): never racing a worker's schema creation.
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
     except KeyError:  # the study is not created yet
-        return None
+        return []
     except ConfigError as error:
         if "does not exist" in str(error):  # nor its database, which the first worker creates
-            return None
+            return []
         raise
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # Rendering: its knob set and seeds are chosen (just after the ask, they are not yet).
-        if trial.user_attrs.get("worker", {}).get("pid") == pid and "seeds" in trial.user_attrs:
-            return trial.number
+    return [
+        trial.number
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        # In flight: its knob set and seeds are chosen (just after the ask, they are not yet).
+        if trial.user_attrs.get("worker", {}).get("pid") == pid and "seeds" in trial.user_attrs
+    ]
     return None
 
 
-def kill_mid_trial(victim: subprocess.Popen, storage: str, study_name: str, timeout: float = 600) -> int:
-    """SIGKILL the worker while Optuna holds one of its trials RUNNING. It is stopped first (SIGSTOP), so
-    the trial seen RUNNING is certainly in flight when it dies. Returns that trial's number."""
+def kill_mid_trial(
+    victim: subprocess.Popen, storage: str, study_name: str, timeout: float = 600
+) -> list[int]:
+    """SIGKILL the worker while Optuna holds trials of it RUNNING. It is stopped first (SIGSTOP), so the
+    trials seen RUNNING are certainly in flight when it dies (a pipelined worker may hold a batch being
+    judged and one being sampled). Returns their numbers."""
     deadline = time.monotonic() + timeout
     while True:
         assert victim.poll() is None, "the worker to kill ended before it could be killed"
         assert time.monotonic() < deadline, f"the worker to kill rendered no trial in {timeout} s"
-        if running_trial_of(storage, study_name, victim.pid) is not None:
+        if running_trials_of(storage, study_name, victim.pid):
             victim.send_signal(signal.SIGSTOP)
-            number = running_trial_of(storage, study_name, victim.pid)
-            if number is not None:
+            numbers = running_trials_of(storage, study_name, victim.pid)
+            if numbers:
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
-                return number
+                return numbers
             victim.send_signal(signal.SIGCONT)
         time.sleep(0.2)
 
@@ -64,9 +69,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(command: list[str], port: int, log: Path, timeout: float = 240) -> Iterator[str]:
+def served(
+    command: list[str], port: int, log: Path, timeout: float = 240, *, ready: str = "/health"
+) -> Iterator[str]:
     """Run a server command in its own session; yield the first line it printed once its port answers
-    ``/health``; stop it (and what it started) after."""
+    ``ready``; stop it (and what it started) after."""
     with log.open("wb") as handle:
         server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=handle, start_new_session=True)
     try:
@@ -76,7 +83,7 @@ def served(command: list[str], port: int, log: Path, timeout: float = 240) -> It
         while True:
             assert server.poll() is None, f"the server ended: {first}{log.read_text()[-2000:]}"
             with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                if requests.get(f"http://127.0.0.1:{port}{ready}", timeout=5).ok:
                     break
             assert time.monotonic() < deadline, f"nothing answered on port {port}: {log.read_text()[-2000:]}"
             time.sleep(0.5)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 from sounding_anagrams.errors import ConfigError
@@ -250,18 +252,30 @@ def test_wav_clips_out_of_range(tmp_path: Path) -> None:
 def test_wav_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mono"):
         write_wav(tmp_path / "s.wav", np.zeros((2, 10)), 16000)
-    path = tmp_path / "8bit.wav"
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(1)
-        f.setframerate(8000)
-        f.writeframes(bytes(10))
-    with pytest.raises(ConfigError, match="16-bit PCM"):
-        read_wav(path)
     junk = tmp_path / "junk.wav"
     junk.write_bytes(b"not a wav file at all")
-    with pytest.raises(ConfigError, match="16-bit PCM"):
+    with pytest.raises(ConfigError, match=r"junk\.wav'\: must be a WAV file \(Format not recognised"):
         read_wav(junk)
+    flac = tmp_path / "sound.wav"
+    soundfile.write(flac, np.zeros(100), 16000, format="FLAC")
+    with pytest.raises(ConfigError, match="must be a WAV file, but it is FLAC"):
+        read_wav(flac)
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+def test_wav_reads_every_sample_format_an_editor_writes(tmp_path: Path, subtype: str) -> None:
+    """8/16/24/32-bit PCM and 32/64-bit float WAVs (Audacity's default is 32-bit float) read to the same
+    samples, to within each format's step."""
+    x = np.sin(np.linspace(0, 40 * np.pi, 4000)) * 0.8
+    path = tmp_path / f"{subtype}.wav"
+    soundfile.write(path, x, 22050, subtype=subtype)
+    y, rate = read_wav(path)
+    step = {"PCM_U8": 1 / 128, "PCM_16": 1 / 32768}.get(subtype, 1e-6)
+    assert rate == 22050 and y.dtype == np.float32 and y.shape == (4000,)
+    assert np.abs(y - x).max() <= step
+    with wave.open(str(path), "rb") if subtype in ("PCM_U8", "PCM_16") else contextlib.nullcontext() as f:
+        if f is not None:  # the stdlib reads the PCM ones: an independent look at the header
+            assert f.getnframes() == 4000
 
 
 def test_wav_stereo_is_averaged(tmp_path: Path) -> None:
@@ -273,30 +287,63 @@ def test_wav_stereo_is_averaged(tmp_path: Path) -> None:
         f.setframerate(16000)
         f.writeframes(pcm.tobytes())
     y, _ = read_wav(path)
-    assert np.allclose(y, np.array([2000, -1000]) / 32767.0)
+    assert np.allclose(y, np.array([2000, -1000]) / 32768.0)  # libsndfile's scale: full scale is 2**15
 
 
-def test_wav_rejects_float_format(tmp_path: Path) -> None:
-    # A hand-made IEEE-float (format tag 3) WAV, as many tools write by default.
-    data = np.zeros(8, dtype="<f4").tobytes()
-    fmt = (
-        (3).to_bytes(2, "little")
-        + (1).to_bytes(2, "little")
-        + (16000).to_bytes(4, "little")
-        + (64000).to_bytes(4, "little")
-        + (4).to_bytes(2, "little")
-        + (32).to_bytes(2, "little")
+# --------------------------------------------------------------------------- librosa as the oracle
+
+
+def test_mel_filterbank_is_librosas_slaney_filterbank() -> None:
+    """Ours is hand-written (numpy, cached, moved to the device as a tensor); librosa is the reference."""
+    import librosa
+
+    cfg = MelConfig()
+    reference = librosa.filters.mel(
+        sr=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        n_mels=cfg.n_mels,
+        fmin=cfg.fmin,
+        fmax=cfg.fmax,
+        htk=False,
+        norm="slaney",
+        dtype=np.float64,
     )
-    body = (
-        b"WAVE"
-        + b"fmt "
-        + len(fmt).to_bytes(4, "little")
-        + fmt
-        + b"data"
-        + len(data).to_bytes(4, "little")
-        + data
+    ours = mel_filterbank(cfg).numpy()
+    assert ours.shape == reference.shape == (256, 1025)
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-9)
+
+
+def test_log_mel_is_librosas_on_auffusions_framing() -> None:
+    """The batched torch analysis equals librosa's STFT and mel spectrogram on the same framing: reflect
+    padding of (n_fft - hop) / 2 each side, no centring, periodic Hann of win_length inside n_fft."""
+    import librosa
+
+    cfg = MelConfig()
+    rng = np.random.default_rng(0)
+    t = np.arange(cfg.sample_rate) / cfg.sample_rate
+    wave_ = 0.5 * np.sin(2 * np.pi * (200 + 3000 * t) * t) + 0.05 * rng.standard_normal(t.shape)
+    ours = log_mel_spectrogram(torch.from_numpy(wave_)).numpy()  # float64 in, float64 out
+    padded = np.pad(wave_, cfg.pad, mode="reflect")
+    spectrum = librosa.stft(
+        padded,
+        n_fft=cfg.n_fft,
+        hop_length=cfg.hop_length,
+        win_length=cfg.win_length,
+        window="hann",
+        center=False,
     )
-    path = tmp_path / "float.wav"
-    path.write_bytes(b"RIFF" + len(body).to_bytes(4, "little") + body)
-    with pytest.raises(ConfigError, match="16-bit PCM"):
-        read_wav(path)
+    magnitude = np.sqrt(np.abs(spectrum) ** 2 + 1e-9)
+    mel = librosa.feature.melspectrogram(
+        S=magnitude,
+        sr=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        n_mels=cfg.n_mels,
+        fmin=cfg.fmin,
+        fmax=cfg.fmax,
+        power=1.0,
+        htk=False,
+        norm="slaney",
+    )
+    reference = np.log(np.maximum(mel, 1e-5))
+    assert ours.shape == reference.shape == (cfg.n_mels, len(wave_) // cfg.hop_length)
+    np.testing.assert_allclose(ours, reference, atol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -51,11 +52,20 @@ def test_render_writes_every_file_a_user_needs(tmp_path: Path, capsys):
         video = clip.streams.video[0]
         assert (video.codec_context.name, video.width, video.height) == ("h264", 512, 128)
         frames = [frame.to_ndarray(format="gray") for frame in clip.decode(video)]
-    assert len(frames) == 64
+    with av.open(str(out / "transition.mp4")) as clip:  # the sound plays along: AAC, as long as the WAV
+        sound = clip.streams.audio[0]
+        assert (sound.codec_context.name, sound.rate, sound.channels) == ("aac", 16000, 1)
+        heard = np.concatenate([f.to_ndarray().reshape(-1) for f in clip.decode(sound)])
+    wav, _ = read_wav(out / "audio0.wav")
+    assert abs(len(heard) - len(wav)) <= 2048  # AAC pads to whole 1024-sample frames (and its priming)
+    assert np.sqrt(np.mean(heard**2)) == pytest.approx(np.sqrt(np.mean(wav**2)), rel=0.2)
+    # The frames last as long as the sound: the holds are stretched (12 fps, 24 frames per turn).
+    assert len(frames) == math.ceil(len(wav) / 16000 * 12)
     # It starts on view 0 and turns into view 1 (within H.264's loss), then holds and turns back.
     view1 = np.asarray(Image.open(out / "view1.png").convert("L").resize((512, 128), Image.BOX), np.float32)
     view0 = np.asarray(Image.open(out / "view0.png").convert("L").resize((512, 128), Image.BOX), np.float32)
-    middle = frames[8 + 23].astype(np.float32)
+    holds = len(frames) - 48
+    middle = frames[holds - holds // 2 + 23].astype(np.float32)
     assert np.abs(middle - view1).mean() < 0.5 * np.abs(middle - view0).mean()
     assert np.abs(frames[0].astype(np.float32) - view0).mean() < 12
     wave, rate = read_wav(out / "audio0.wav")
@@ -298,3 +308,45 @@ def test_a_finished_render_is_never_written_over(tmp_path: Path, capsys, monkeyp
         (tmp_path / "renders" / "identity-tile_rotate_cw-seed3-2" / "config.yaml").read_text()
     )
     assert second["image_prompts"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["render", "--help"],
+        ["render", "--steps", "0", "--models", "tiny"],
+        ["render", "--views", "bogus", "--models", "tiny"],
+        ["search", "studies/nope.yaml"],
+        ["search", "studies/rotate.yaml", "--trials", "0"],
+        ["prefer", "studies/rotate.yaml", "--candidates", "1"],
+        ["leaderboard", "rotate", "--runs", "nowhere"],
+        ["export", "rotate", "--runs", "nowhere"],
+        ["dashboard", "--runs", "nowhere"],
+        ["ui", "--runs", "nowhere"],
+        ["evaluate", "nowhere"],
+    ],
+)
+def test_help_and_input_errors_answer_before_the_heavy_libraries_load(argv: list[str], tmp_path: Path):
+    """The command line checks its arguments before torch, diffusers or transformers are imported (each
+    costs seconds): a typo is answered at once (docs/PERFORMANCE.md, "The command line")."""
+    probe = (
+        "import sys\n"
+        "from sounding_anagrams.cli import main\n"
+        "try:\n"
+        f"    code = main({argv!r})\n"
+        "except SystemExit as exit:\n"
+        "    code = exit.code\n"
+        "names = ('torch', 'diffusers', 'transformers', 'open_clip', 'mlflow')\n"
+        # A lazily imported module (views.py's torch) sits in sys.modules unloaded until first used.
+        "heavy = [m for m in names if type(sys.modules.get(m)).__name__ not in ('NoneType', '_LazyModule')]\n"
+        "print('exit', code, 'heavy', heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    last = done.stdout.strip().splitlines()[-1]
+    expected_code = 0 if "--help" in argv else 2
+    assert last == f"exit {expected_code} heavy []", (last, done.stderr[-2000:])
+    if expected_code:
+        assert done.stderr.startswith("error: "), done.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,3 +105,64 @@ def test_device_and_dtype_choices():
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ConfigError, match=r"dtype='float16': float16 is not supported on the CPU"):
         resolve_dtype("float16", torch.device("cpu"))
+
+
+def _pipeline_copy(kind: str, target: Path) -> Path:
+    """A copy of the tiny ``kind`` pipeline folder, to lay its weights out as a real repo does."""
+    import shutil
+
+    shutil.copytree(ensure_tiny_models()[kind], target)
+    return target
+
+
+def test_auffusions_layout_bin_only_unet_loads_in_fp16_with_weights_only(tmp_path: Path, monkeypatch):
+    """Auffusion's unet/ ships only diffusion_pytorch_model.bin (no safetensors, no fp16 variant): asked for
+    fp16, the loader tries the fp16 variant, falls back to the plain .bin, and reads it with
+    ``torch.load(weights_only=True)`` (a pickle that could run code is refused)."""
+    folder = _pipeline_copy("audio", tmp_path / "auffusion")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.unlink()
+    unet.save_pretrained(folder / "unet", safe_serialization=False)
+    assert sorted(p.name for p in (folder / "unet").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.bin",
+    ]
+    loads: list[Any] = []
+    real_load = torch.load
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    model = load_diffusion_model(str(folder), device=torch.device("cpu"), dtype=torch.float16)
+    assert loads and all(flag is True for flag in loads), loads
+    assert next(model.unet.parameters()).dtype == torch.float16
+    expected = {k: v.half() for k, v in unet.state_dict().items()}
+    for name, value in model.unet.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_an_sd_style_folder_with_an_fp16_variant_loads_the_variant_in_fp16(tmp_path: Path):
+    """SD 1.5's repo has both the plain weights and the fp16 variant: asked for fp16, the variant wins
+    (half the bytes read); asked for fp32, the plain weights."""
+    folder = _pipeline_copy("image", tmp_path / "sd15")
+    plain = UNet2DConditionModel.from_pretrained(folder / "unet")
+    variant = UNet2DConditionModel.from_pretrained(folder / "unet")
+    with torch.no_grad():
+        for parameter in variant.parameters():  # a variant told apart from the plain weights
+            parameter.mul_(0.5)
+    variant.half().save_pretrained(folder / "unet", variant="fp16")
+    names = sorted(p.name for p in (folder / "unet").iterdir())
+    assert names == [
+        "config.json",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "diffusion_pytorch_model.safetensors",
+    ]
+    half = load_diffusion_model(str(folder), device=torch.device("cpu"), dtype=torch.float16)
+    full = load_diffusion_model(str(folder), device=torch.device("cpu"), dtype=torch.float32)
+    first = next(iter(plain.state_dict()))
+    assert half.unet.state_dict()[first].dtype == torch.float16
+    assert torch.equal(half.unet.state_dict()[first], (plain.state_dict()[first] * 0.5).half())
+    assert torch.equal(full.unet.state_dict()[first], plain.state_dict()[first])

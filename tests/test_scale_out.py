@@ -122,14 +122,16 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
         )  # fmt: skip
         workers.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env))
     victim, *survivors = workers
-    killed = kill_mid_trial(victim, storage, "rotate-tiny")
+    in_flight = kill_mid_trial(victim, storage, "rotate-tiny")
+    killed = in_flight[0]
     for index, survivor in enumerate(survivors, start=1):
         assert survivor.wait(timeout=900) == 0, (tmp_path / f"worker-{index}.log").read_text()[-3000:]
 
     study = optuna.load_study(study_name="rotate-tiny", storage=storage)
     trials = study.get_trials()
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    # The killed worker's trial failed (by a survivor, at once: its pid is gone on this machine)...
+    # The killed worker's trials failed (by a survivor, at once: its pid is gone on this machine)...
+    assert all(study.trials[n].state == TrialState.FAIL for n in in_flight)
     dead = study.trials[killed]
     assert dead.state == TrialState.FAIL and dead.user_attrs["worker"]["pid"] == victim.pid
     assert dead.user_attrs["fail_reason"].startswith(f"its worker died (pid {victim.pid} on ")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
@@ -46,13 +47,21 @@ def browser() -> Iterator[object]:
             launched.close()
 
 
+@pytest.fixture(scope="module")
+def finished_search(tiny_models, tmp_path_factory) -> tuple[Path, optuna.Study]:
+    """A finished tiny search (4 knob sets), its stores under a folder of its own."""
+    runs = tmp_path_factory.mktemp("searched")
+    runner = runner_for({**STUDY, "budget": {"trials": 4}}, tiny_models, designed_judges(), runs)
+    runner.run()
+    return runs, runner.optuna_study
+
+
 @pytest.mark.slow
 def test_make_ui_lands_on_the_leaderboard_and_a_trial_shows_its_pictures_and_sound(
-    tiny_models, browser, tmp_path: Path
+    finished_search, browser, tmp_path: Path
 ):
-    runner = runner_for({**STUDY, "budget": {"trials": 4}}, tiny_models, designed_judges(), tmp_path)
-    runner.run()
-    complete = runner.optuna_study.get_trials(states=(TrialState.COMPLETE,))
+    runs, study = finished_search
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
     ranked = [f"trial-{t.number:04d}" for t in sorted(complete, key=lambda t: -t.values[0])]
     port = free_port()
     command = [
@@ -61,7 +70,7 @@ def test_make_ui_lands_on_the_leaderboard_and_a_trial_shows_its_pictures_and_sou
         "sounding_anagrams.cli",
         "ui",
         "--runs",
-        str(tmp_path),
+        str(runs),
         "--port",
         str(port),
     ]
@@ -123,3 +132,51 @@ def test_ui_without_a_search_says_what_to_do(tmp_path: Path, capsys):
 
     assert main(["ui", "--runs", str(tmp_path)]) == 2
     assert "holds no mlflow.db: run a search first" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_make_dashboard_shows_a_trials_pictures_clip_and_sound(finished_search, browser, tmp_path: Path):
+    runs, study = finished_search
+    best = study.best_trial
+    # Each trial shown carries its media: the best seed's views, spectrogram, clip and sound.
+    media = best.user_attrs["media"]
+    assert {"view0", "view1", "spectrogram", "clip", "audio0"} <= set(media), media
+    pruned_or_complete = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert all("media" in t.user_attrs for t in pruned_or_complete)
+    port = free_port()
+    command = [sys.executable, "-m", "sounding_anagrams.cli", "dashboard", "--runs", str(runs)]
+    command += ["--port", str(port)]
+    shots = screenshots(tmp_path)
+    with served(command, port, tmp_path / "dashboard.log", ready="/api/meta") as printed:
+        assert printed.startswith(
+            f"optuna-dashboard, study unit (best trial {best.number}): http://127.0.0.1:"
+        )
+        url = printed.split(": ", 1)[1].strip()
+        assert url.endswith(f"/trials?numbers={best.number}")
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})  # type: ignore[attr-defined]
+        page.goto(url)
+        page.get_by_text("Artifacts", exact=True).first.wait_for(timeout=120_000)
+        page.locator("audio source").first.wait_for(state="attached", timeout=60_000)
+        page.wait_for_function(
+            "[...document.images].some(i => i.complete && i.naturalWidth >= 256)", timeout=60_000
+        )
+        page.screenshot(path=str(shots / "optuna-dashboard-trial.png"))
+        # A person sees the views and the spectrogram (pictures that loaded), a clip and a sound to play.
+        names = page.locator("body").inner_text()
+        for name in ("view0.png", "view1.png", "spectrogram.png", "transition.mp4", "audio0.wav"):
+            assert name in names, name
+        sizes = page.evaluate(
+            "[...document.images].filter(i => i.complete).map(i => [i.naturalWidth, i.naturalHeight])"
+        )
+        assert [256, 64] in sizes or any(w >= 256 for w, _ in sizes), sizes
+        sources = page.evaluate(
+            "[...document.querySelectorAll('audio source, video source')].map(s => [s.type, s.src])"
+        )
+        assert {kind for kind, _ in sources} >= {"audio/wav", "video/mp4"}, sources
+        # The player's source is the WAV, served by the dashboard from the artifact store.
+        wav = next(src for kind, src in sources if kind == "audio/wav")
+        head = page.evaluate(
+            "src => fetch(src).then(r => r.arrayBuffer()).then(b => new TextDecoder().decode(b.slice(0, 4)))",
+            wav,
+        )
+        assert head == "RIFF"

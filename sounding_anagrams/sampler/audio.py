@@ -4,14 +4,15 @@ The mel geometry is Auffusion's (16 kHz, n_fft 2048, window 1024, hop 160, 256 S
 8 kHz, magnitude, natural log clamped at 1e-5). A 256 x 1024 picture is one 10.24 s spectrogram:
 row 0 of the picture is the highest mel bin.
 
-Everything here is plain torch/numpy so that no audio library is needed.
+The analysis is torch (batched, on the device, Auffusion's non-centred framing); its Slaney filterbank and
+log-mel are tested against librosa. WAV files go through soundfile (libsndfile).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import wave
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,13 +335,15 @@ def griffin_lim(
 
 
 def write_wav(path: str | Path, wave_: np.ndarray | Tensor, sample_rate: int) -> None:
-    """Write a mono 16-bit PCM WAV file.
+    """Write a mono 16-bit PCM WAV file (soundfile).
 
     Args:
         path: destination file (its folder must exist).
         wave_: ``(N,)`` or ``(1, N)`` samples in [-1, 1]; values outside are clipped, NaN becomes 0.
         sample_rate: in Hz.
     """
+    import soundfile
+
     if isinstance(wave_, Tensor):
         data = wave_.detach().to(device="cpu", dtype=torch.float64).numpy()
     else:
@@ -350,48 +353,49 @@ def write_wav(path: str | Path, wave_: np.ndarray | Tensor, sample_rate: int) ->
     if data.ndim != 1:
         raise ConfigError("waveform shape", tuple(data.shape), "write_wav takes a mono (N,) or (1, N) array")
     data = np.clip(np.nan_to_num(data, nan=0.0), -1.0, 1.0)
-    pcm = np.round(data * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(int(sample_rate))
-        f.writeframes(pcm.tobytes())
+    soundfile.write(str(path), data, int(sample_rate), subtype="PCM_16", format="WAV")
+
+
+# libsndfile reads what a cut-short file holds and notes the length its header announced.
+_ANNOUNCED_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
 
 def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a 16-bit PCM WAV file.
+    """Read a WAV file of any sample format an audio editor writes (8/16/24/32-bit PCM, 32/64-bit float),
+    through soundfile (libsndfile).
 
     Returns:
         ``(samples, sample_rate)`` with samples float32 in [-1, 1], shape ``(N,)``; several channels are
         averaged to mono.
 
     Raises:
-        ConfigError: the file is not 16-bit PCM WAV (e.g. float or 24-bit).
+        ConfigError: the file is not a WAV file, holds no samples, or is cut short.
     """
-    allowed = "must be a 16-bit PCM WAV file"
+    import soundfile
+
     try:
-        with wave.open(str(path), "rb") as f:
-            n_channels = f.getnchannels()
-            width = f.getsampwidth()
-            rate = f.getframerate()
-            frames = f.getnframes()
-            raw = f.readframes(frames)
-    except (wave.Error, EOFError) as err:
-        raise ConfigError("wav file", str(path), f"{allowed} ({err})") from err
+        info = soundfile.info(str(path))
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.LibsndfileError as err:
+        raise ConfigError("wav file", str(path), f"must be a WAV file ({err.error_string})") from None
     except OSError as err:  # a folder, no permission
         raise ConfigError("wav file", str(path), f"cannot be read: {err.strerror or err}") from None
-    if width != 2:
-        raise ConfigError("wav file", str(path), f"{allowed}; it has {8 * width}-bit samples")
+    if info.format != "WAV":
+        raise ConfigError("wav file", str(path), f"must be a WAV file, but it is {info.format_info}")
     # A file cut short would otherwise be scored as whatever samples remain: a wrong score, worse than none.
-    if frames == 0:
-        raise ConfigError("wav file", str(path), "holds no samples (a header only)")
-    if len(raw) < frames * n_channels * width:
+    announced = _ANNOUNCED_DATA.search(info.extra_info)
+    if announced is not None and int(announced.group(1)) > int(announced.group(2)):
+        bytes_per_frame = info.channels * _SAMPLE_BYTES.get(info.subtype, 2)
         raise ConfigError(
             "wav file",
             str(path),
-            f"is truncated: its header announces {frames} frames but the file holds "
-            f"{len(raw) // (n_channels * width)}",
+            f"is truncated: its header announces {int(announced.group(1)) // bytes_per_frame} frames but the "
+            f"file holds {len(samples)}",
         )
-    pcm = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32767.0
-    pcm = pcm.reshape(-1, n_channels).mean(axis=1) if n_channels > 1 else pcm
-    return np.clip(pcm, -1.0, 1.0).astype(np.float32), rate
+    if len(samples) == 0:
+        raise ConfigError("wav file", str(path), "holds no samples")
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    return np.clip(mono, -1.0, 1.0).astype(np.float32), int(rate)
+
+
+_SAMPLE_BYTES = {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}

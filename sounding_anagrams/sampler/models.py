@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS
+from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS, RenderConfig
 from sounding_anagrams.errors import ConfigError, ModelLoadError
 from sounding_anagrams.sampler.vocoder import HiFiGANConfig, HiFiGANGenerator, load_vocoder, save_vocoder
 
@@ -188,6 +188,17 @@ def load_models(
         scheduler_config=load_scheduler_config(image_source),
         device=torch_device,
         dtype=torch_dtype,
+    )
+
+
+def load_models_for(config: RenderConfig) -> ModelBundle:
+    """The models, device and dtype a render config names (with the vocoder when it uses HiFi-GAN)."""
+    return load_models(
+        config.image_model,
+        config.audio_model,
+        device=config.device,
+        dtype=config.dtype,
+        with_vocoder=config.vocoder == "hifigan",
     )
 
 

@@ -28,13 +28,19 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor
+import lazy_loader
 
 from sounding_anagrams.errors import ConfigError, did_you_mean, unknown_name_message
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+else:
+    # Parsing and checking a view spec needs no torch: a config or study file with a bad view is refused
+    # before torch loads (seconds), and torch loads at the first tensor operation.
+    torch = lazy_loader.load("torch")
 
 __all__ = [
     "HYBRID",
@@ -995,10 +1001,10 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     kernel = torch.exp(-(taps**2) / (2 * sigma**2))
     kernel = (kernel / kernel.sum()).to(device=x.device, dtype=work_dtype)
     y = x.reshape(-1, 1, h, w).to(work_dtype)
-    y = F.pad(y, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
-    y = F.conv2d(y, kernel.view(1, 1, -1, 1))
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")
-    y = F.conv2d(y, kernel.view(1, 1, 1, -1))
+    y = torch.nn.functional.pad(y, (0, 0, radius, radius), mode="reflect" if radius < h else "replicate")
+    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, -1, 1))
+    y = torch.nn.functional.pad(y, (radius, radius, 0, 0), mode="reflect" if radius < w else "replicate")
+    y = torch.nn.functional.conv2d(y, kernel.view(1, 1, 1, -1))
     return y.reshape(x.shape).to(x.dtype)
 
 

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
-
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.workers import is_cut_short
 
@@ -142,6 +140,7 @@ def watch_workers(
     """One progress line for all workers: the study's finished trials that count against the budget, read
     from its storage every second."""
     import optuna
+    from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
     from sounding_anagrams.cli import study_name_of
@@ -212,11 +211,6 @@ def run_server(args: argparse.Namespace) -> int:
 def run_ui(args: argparse.Namespace) -> int:
     """``ui``: print the page of a study's leaderboard, and serve MLflow's UI over a local store (this process
     becomes the server); an MLflow server (``--tracking-uri``) is its own UI."""
-    from mlflow.tracking import MlflowClient
-
-    from sounding_anagrams.cli import study_name_of
-    from sounding_anagrams.search.tracking import is_server, leaderboard_url
-
     if not 1 <= args.port <= 65535:
         raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -227,6 +221,11 @@ def run_ui(args: argparse.Namespace) -> int:
                 "--runs", str(args.runs), "holds no mlflow.db: run a search first, or give --runs"
             )
         uri = f"sqlite:///{store}"
+    from mlflow.tracking import MlflowClient
+
+    from sounding_anagrams.cli import study_name_of
+    from sounding_anagrams.search.tracking import is_server, leaderboard_url
+
     client = MlflowClient(tracking_uri=uri)
     studies = {e.name: e.experiment_id for e in client.search_experiments() if e.name != "Default"}
     if args.study:

@@ -66,6 +66,7 @@ from sounding_anagrams.render import (
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepState, take_rows
 from sounding_anagrams.sampler.transfer import ready_event, side_stream, used_on_this_stream
+from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store, upload_media
 from sounding_anagrams.search.samplers import AskTellGridSampler, make_pruner, make_sampler, should_prune
 from sounding_anagrams.search.stores import (
     GRACE_SECONDS,
@@ -111,6 +112,8 @@ class SearchSettings:
     batch: int | None = None
     progress: bool = True
     tracking_uri: str | None = None
+    # Optuna's artifact store of the trials' media (optuna-dashboard): default <runs>/optuna-artifacts.
+    artifact_store: str | None = None
     max_unet_batch: int | None = None
     # Judge and publish batch k while batch k+1 is sampled; False runs them in series (for measurements).
     overlap: bool = True
@@ -409,6 +412,7 @@ class SearchRunner:
         self.optuna_study.set_user_attr("objectives", [o.spec for o in study.objectives])
         self.optuna_study.set_user_attr("seeds_per_trial", study.seeds_per_trial)
         self.optuna_study.set_user_attr("aggregate", study.aggregate)
+        self.artifact_store = self.open_artifact_store()
         self.render_root = claim_render_root(settings.runs_dir, self.study_name, self.optuna_study)
         self.tracker = Tracker(settings.runs_dir, self.study_name, tracking_uri=settings.tracking_uri)
         # Where every worker's trials are browsed and downloaded from (leaderboard, export, on any machine).
@@ -459,7 +463,8 @@ class SearchRunner:
         """Run the study's budget through the pipeline (see :class:`Stage`); returns what this run did.
 
         The main thread asks and samples (the device's work); batch k is judged (decoded, scored, written,
-        told) and published (clip, card, MLflow) in the background while batch k+1 is sampled.
+        clipped, its media uploaded, told) and published (card, MLflow) in the background while batch k+1 is
+        sampled.
         """
         minutes = self.settings.minutes if self.settings.minutes is not None else self.study.budget.minutes
         deadline = time.monotonic() + 60 * minutes if minutes else math.inf
@@ -689,7 +694,32 @@ class SearchRunner:
             self.tracker.log_parent_artifacts(*drawn)
         except Exception as error:  # pictures are a bonus; never lose the run over a plot
             logger.warning("could not draw the study pictures: %s", error)
+        try:
+            from sounding_anagrams.search.report import leaderboard
+
+            board = leaderboard(self.optuna_study, LEADERBOARD_TOP, tracking_uri=self.tracker.tracking_uri)
+            if not board.knob_sets.empty:
+                self.tracker.log_leaderboard(board.knob_sets)
+        except Exception as error:  # the table is a copy of what `leaderboard` prints
+            logger.warning("could not log the leaderboard table: %s", one_line(error))
         self.tracker.end_parent(status)
+
+    def open_artifact_store(self) -> Any:
+        """The store of the trials' media, named on the study for `dashboard` (the first worker's choice
+        stands: a worker given another store says so)."""
+        location = self.settings.artifact_store or default_location(self.settings.runs_dir)
+        store = open_artifact_store(location)
+        recorded = self.optuna_study.user_attrs.get(STORE_ATTR)
+        if recorded is None:
+            self.optuna_study.set_user_attr(STORE_ATTR, location)
+        elif recorded != location:
+            logger.warning(
+                "study %s keeps its media in %s; this worker's go to %s, which `dashboard` does not read",
+                self.study_name,
+                recorded,
+                location,
+            )
+        return store
 
     def check_room(self, trials: int) -> None:
         """Stop before a batch that the disk under --runs has no room for: the GPU work would be lost, and the
@@ -952,6 +982,7 @@ class SearchRunner:
                     batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
                     self.score_and_judge(batch.results, plans, batch.outcomes)
                 self.write_pruned_previews(batch)
+                self.attach_media(batch)
         except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study
             fail_batch(batch, error)
         batch.output = None  # the latents are no longer needed
@@ -993,52 +1024,61 @@ class SearchRunner:
                         "trial %d: its preview could not be written: %s", plan.trial.number, one_line(error)
                     )
 
-    def publish_batch(self, batch: Batch) -> None:
-        """Stage 2 (background): the clip of each complete trial's best seed, its card and its MLflow run.
-
-        These are made from what the judge wrote; an error here is logged on the trial's MLflow run and the
-        trial keeps its judged value (its pictures and sounds exist). A clip or run that a kill left missing
-        is made at the next start from the files (:meth:`reconcile_told_trials`).
-        """
-        by_number = {plan.trial.number: plan for plan in batch.plans}
-        # The clips are encoded side by side (the encoder releases the GIL), each trial logged once its own
-        # clip is done.
+    def attach_media(self, batch: Batch) -> None:
+        """Before the tell (Optuna takes a trial's artifacts only while it runs): the clip of each complete
+        trial's best seed, then the media its dashboard page shows (that seed's views, spectrogram, clip and
+        sounds; a pruned trial's preview) uploaded to the study's artifact store. Neither is the trial's
+        judgement: an error is logged and the trial is told as judged."""
+        shown: dict[int, Path] = {}
+        clips: dict[int, Future[Path]] = {}
+        # The clips are encoded side by side: the encoder releases the GIL.
         with ThreadPoolExecutor(
             WRITER_THREADS, thread_name_prefix="search-clip", initializer=lower_this_thread_priority
         ) as encoders:
-            clips: dict[int, Future[Path]] = {}
-            for trial in batch.trials:
-                outcome = batch.outcomes[trial.number]
-                plan = by_number.get(trial.number)
-                if (
-                    outcome.state == TrialState.COMPLETE
-                    and plan is not None
-                    and outcome.best_seed is not None
-                ):
-                    best = batch.results[batch.plans.index(plan)][outcome.best_seed]
+            for plan, renders in zip(batch.plans, batch.results, strict=True):
+                outcome = batch.outcomes[plan.trial.number]
+                if outcome.state == TrialState.COMPLETE and outcome.best_seed is not None:
+                    best = renders[outcome.best_seed]
+                    shown[plan.trial.number] = best.folder
                     if best.decoded is not None:
-                        clips[trial.number] = encoders.submit(
-                            write_clip, best.folder, best.config, best.decoded.pictures
+                        waves = best.decoded.waves
+                        clips[plan.trial.number] = encoders.submit(
+                            write_clip,
+                            best.folder,
+                            best.config,
+                            best.decoded.pictures,
+                            waves[0] if waves else None,
                         )
-            for trial in batch.trials:
-                if self._abandon.is_set():
-                    encoders.shutdown(wait=True, cancel_futures=True)
-                    return
-                if trial.number in clips:
-                    try:
-                        clips[trial.number].result()
-                    except Exception as error:  # the clip is a bonus; the trial is judged
-                        logger.warning(
-                            "trial %d: the clip could not be made: %s", trial.number, one_line(error)
-                        )
-                plan = by_number.get(trial.number)
-                self.log_trial(
-                    trial.number,
-                    trial._trial_id,
-                    batch.outcomes[trial.number],
-                    config=plan.knob_set() if plan else trial.params,
-                    previews=batch.previews.get(trial.number, []),
-                )
+                elif outcome.state == TrialState.PRUNED and renders:
+                    shown[plan.trial.number] = renders[0].folder
+            for number, clip in clips.items():
+                try:
+                    clip.result()
+                except Exception as error:  # the clip is a bonus; the trial is judged
+                    logger.warning("trial %d: the clip could not be made: %s", number, one_line(error))
+        for trial in batch.trials:
+            if trial.number in shown and not self._abandon.is_set():
+                upload_media(self.artifact_store, trial, shown[trial.number])
+
+    def publish_batch(self, batch: Batch) -> None:
+        """Stage 2 (background): each trial's MLflow run (knobs, scores, card and files).
+
+        Made from what the judge wrote; an error here is logged and the trial keeps its judged value (its
+        pictures and sounds exist). A run that a kill left unfinished is completed at the next start from
+        the files (:meth:`reconcile_told_trials`).
+        """
+        by_number = {plan.trial.number: plan for plan in batch.plans}
+        for trial in batch.trials:
+            if self._abandon.is_set():
+                return
+            plan = by_number.get(trial.number)
+            self.log_trial(
+                trial.number,
+                trial._trial_id,
+                batch.outcomes[trial.number],
+                config=plan.knob_set() if plan else trial.params,
+                previews=batch.previews.get(trial.number, []),
+            )
         batch.results = []  # the decoded pictures and sounds: memory stays flat
 
     @staticmethod
@@ -1271,6 +1311,9 @@ class SearchRunner:
             self.log_trial(
                 frozen.number, frozen._trial_id, outcome, config=knobs, tags={"reconciled": "true"}
             )
+
+
+LEADERBOARD_TOP = 50  # knob sets in the search run's leaderboard table
 
 
 def warm_up_study_pictures() -> None:

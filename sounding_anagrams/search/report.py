@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import yaml
 from optuna.trial import FrozenTrial, TrialState
 from PIL import Image, ImageDraw
@@ -189,30 +191,110 @@ def seed_spread(trial: FrozenTrial) -> list[dict[str, float]]:
     return spread
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+@dataclass
+class Leaderboard:
+    """A study's leaderboard as two pandas tables: ``knob_sets`` (ranked by the aggregate over seeds, each
+    objective with its seeds' min, max and 95% half-width, then the mean scores, the knobs, where each came
+    from and where its files are) and ``renders`` (the best single renders: trial, seed, values, folder)."""
+
+    study_name: str
+    counts: dict[str, int]
+    seeds_per_trial: int
+    aggregate: str
+    objectives: list[str]
+    knob_sets: pd.DataFrame
+    renders: pd.DataFrame
+
+    @property
+    def summary(self) -> str:
+        return (
+            f"study {self.study_name}: "
+            + ", ".join(f"{v} {k.lower()}" for k, v in self.counts.items())
+            + f"; each knob set is judged on {self.seeds_per_trial} seed(s), by their {self.aggregate}"
+        )
+
+    def render(self, format: str = "table") -> str:
+        """The leaderboard as text: a person's ``table``, ``markdown`` (both tables), ``csv`` (the knob sets)
+        or ``json`` (everything, numbers as numbers)."""
+        if format == "csv":
+            return self.knob_sets.to_csv(index=False)
+        if format == "json":
+            return json.dumps(
+                {
+                    "study": self.study_name,
+                    "trials": self.counts,
+                    "seeds_per_trial": self.seeds_per_trial,
+                    "aggregate": self.aggregate,
+                    "knob_sets": json.loads(self.knob_sets.to_json(orient="records")),
+                    "best_renders": json.loads(self.renders.to_json(orient="records")),
+                },
+                indent=2,
+            )
+        if self.knob_sets.empty:
+            return f"{self.summary}\nno completed trial yet"
+        title = f"knob sets, ranked by the {self.aggregate} over their seeds"
+        renders_title = "best single renders" + (
+            " (by the sum of the objectives)" if len(self.objectives) > 1 else ""
+        )
+        pareto_note = "\n* on the Pareto front" if "pareto" in self.knob_sets else ""
+        if format == "markdown":
+            return (
+                f"{self.summary}\n\n### {title}\n\n{self._shown_knob_sets().to_markdown(index=False)}"
+                f"{pareto_note}\n\n### {renders_title}\n\n{self._shown_renders().to_markdown(index=False)}"
+            )
+        return (
+            f"{self.summary}\n\n{title}\n{_plain(self._shown_knob_sets())}{pareto_note}"
+            f"\n\n{renders_title}\n{_plain(self._shown_renders())}"
+        )
+
+    def _shown_knob_sets(self) -> pd.DataFrame:
+        """The knob sets as a person reads them: 4 decimals, and each objective followed by its seeds'
+        ``min..max`` and ``±95%`` (column names that repeat for several objectives)."""
+        frame = self.knob_sets
+        marks = frame["pareto"].map({True: "*", False: ""}) if "pareto" in frame else ""
+        columns = [("rank", frame["rank"].astype(str) + marks), ("trial", frame["trial"].astype(str))]
+        spread = {"rank", "pareto", "trial", "origin", "where"}
+        for name in self.objectives:
+            low, high, ci95 = f"{name} seeds min", f"{name} seeds max", f"{name} ±95%"
+            spread |= {name, low, high, ci95}
+            columns += [
+                (name, frame[name].map(_four)),
+                ("seeds min..max", frame[low].map(_four) + ".." + frame[high].map(_four)),
+                ("±95%", frame[ci95].map(_fmt)),
+            ]
+        columns += [(c, frame[c].map(_fmt)) for c in frame.columns if c not in spread]
+        columns += [
+            ("origin", frame["origin"]),
+            ("where (folder, or run on the MLflow server)", frame["where"]),
+        ]
+        shown = pd.concat([series for _, series in columns], axis=1)
+        shown.columns = [name for name, _ in columns]
+        return shown
+
+    def _shown_renders(self) -> pd.DataFrame:
+        shown = self.renders.astype({"rank": str, "trial": str, "seed": str, "seed value": str})
+        for name in self.objectives:
+            shown[name] = self.renders[name].map(_four)
+        return shown
 
 
-def leaderboard_text(study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None) -> str:
-    """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
+def _plain(frame: pd.DataFrame) -> str:
+    """Left-aligned columns two spaces apart: what a terminal shows well and a test can split."""
+    cells = [list(frame.columns), *frame.astype(str).values.tolist()]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None) -> Leaderboard:
+    """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders."""
     ranked = ranked_trials(study)[:top]
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     counts = {
         state.name: len(study.get_trials(deepcopy=False, states=(state,)))
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
     }
-    seeds_per_trial = study.user_attrs.get("seeds_per_trial", 1)
-    how = study.user_attrs.get("aggregate", "mean")
-    lines = [
-        f"study {study.study_name}: "
-        + ", ".join(f"{v} {k.lower()}" for k, v in counts.items())
-        + f"; each knob set is judged on {seeds_per_trial} seed(s), by their {how}"
-    ]
-    if not ranked:
-        lines.append("no completed trial yet")
-        return "\n".join(lines)
     params = sorted({name for r in ranked for name in r.trial.params})
     scores = [
         name for name in SHOWN_SCORES if any(name in r.trial.user_attrs.get("scores", {}) for r in ranked)
@@ -220,43 +302,48 @@ def leaderboard_text(study: optuna.Study, top: int = 10, *, tracking_uri: str | 
     scores += sorted(
         {n for r in ranked for n in r.trial.user_attrs.get("scores", {})} - set(scores) - set(objectives)
     )
-    header = ["rank", "trial"]
-    for name in objectives:
-        header += [name, "seeds min..max", "±95%"]
-    header += [*scores, *params, "origin", "where (folder, or run on the MLflow server)"]
     rows = []
     for r in ranked:
-        mark = "*" if r.pareto and len(study.directions) > 1 else ""
-        row = [f"{r.rank}{mark}", str(r.trial.number)]
-        for value, spread in zip(r.trial.values, seed_spread(r.trial), strict=True):
-            row += [f"{value:.4f}", f"{spread['min']:.4f}..{spread['max']:.4f}", _fmt(spread["ci95"])]
-        row += [_fmt(r.trial.user_attrs.get("scores", {}).get(name)) for name in scores]
-        row += [_fmt(r.trial.params.get(name)) for name in params]
-        row += [
-            trial_origin(r.trial),
-            trial_location(study, r.trial, tracking_uri=tracking_uri),
-        ]
+        row: dict[str, Any] = {"rank": r.rank}
+        if len(study.directions) > 1:
+            row["pareto"] = r.pareto
+        row["trial"] = r.trial.number
+        for name, value, spread in zip(objectives, r.trial.values, seed_spread(r.trial), strict=True):
+            row[name] = value
+            row[f"{name} seeds min"], row[f"{name} seeds max"] = spread["min"], spread["max"]
+            row[f"{name} ±95%"] = spread["ci95"]
+        row.update({name: r.trial.user_attrs.get("scores", {}).get(name) for name in scores})
+        row.update({name: r.trial.params.get(name) for name in params})
+        row["origin"] = trial_origin(r.trial)
+        row["where"] = trial_location(study, r.trial, tracking_uri=tracking_uri)
         rows.append(row)
-    lines.append(f"\nknob sets, ranked by the {how} over their seeds")
-    lines += _table(header, rows)
-    if len(study.directions) > 1:
-        lines.append("* on the Pareto front")
-    renders = single_renders(study)[:top]
-    header = ["rank", "trial", "seed", "seed value", *objectives, "where"]
-    rows = [
-        [
-            str(i + 1),
-            str(r.trial.number),
-            str(r.seed_index),
-            str(r.seed),
-            *(f"{v:.4f}" for v in r.values),
-            trial_location(study, r.trial, r.seed_index, tracking_uri=tracking_uri),
-        ]
-        for i, r in enumerate(renders)
+    renders = [
+        {
+            "rank": i + 1,
+            "trial": r.trial.number,
+            "seed": r.seed_index,
+            "seed value": r.seed,
+            **dict(zip(objectives, r.values, strict=False)),
+            "where": trial_location(study, r.trial, r.seed_index, tracking_uri=tracking_uri),
+        }
+        for i, r in enumerate(single_renders(study)[:top])
     ]
-    lines.append("\nbest single renders" + (" (by the sum of the objectives)" if len(objectives) > 1 else ""))
-    lines += _table(header, rows)
-    return "\n".join(lines)
+    return Leaderboard(
+        study_name=study.study_name,
+        counts=counts,
+        seeds_per_trial=study.user_attrs.get("seeds_per_trial", 1),
+        aggregate=study.user_attrs.get("aggregate", "mean"),
+        objectives=list(objectives),
+        knob_sets=pd.DataFrame(rows),
+        renders=pd.DataFrame(renders, columns=["rank", "trial", "seed", "seed value", *objectives, "where"]),
+    )
+
+
+def leaderboard_text(
+    study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None, format: str = "table"
+) -> str:
+    """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
+    return leaderboard(study, top, tracking_uri=tracking_uri).render(format)
 
 
 def trial_origin(trial: FrozenTrial) -> str:
@@ -266,6 +353,10 @@ def trial_origin(trial: FrozenTrial) -> str:
     if "retry_of" in trial.user_attrs:
         parts.append(f"retry of {trial.user_attrs['retry_of']}")
     return ", ".join(parts) or "-"
+
+
+def _four(value: float) -> str:
+    return f"{value:.4f}"
 
 
 def _fmt(value: Any) -> str:

@@ -146,10 +146,12 @@ def open_storage(
     url: str,
     *,
     on_stale_trial: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None,
+    heartbeat: bool = True,
 ) -> optuna.storages.RDBStorage:
     """An RDB storage (sqlite for one machine, PostgreSQL for many) with heartbeats for killed workers,
     opened under :func:`schema_lock`. ``on_stale_trial`` is called with each trial whose heartbeats stopped,
-    once it is failed (Optuna's ``heartbeat_stale_trial_callback``)."""
+    once it is failed (Optuna's ``heartbeat_stale_trial_callback``). Without ``heartbeat`` (a preferential
+    study, whose trials wait for a person), no trial is ever stale."""
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # Heartbeats are "experimental" in Optuna; so are the stale-trial checks and plots that use them.
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -158,9 +160,9 @@ def open_storage(
             return optuna.storages.RDBStorage(
                 url,
                 engine_kwargs=engine,
-                heartbeat_interval=HEARTBEAT_SECONDS,
-                grace_period=GRACE_SECONDS,
-                heartbeat_stale_trial_callback=on_stale_trial,
+                heartbeat_interval=HEARTBEAT_SECONDS if heartbeat else None,
+                grace_period=GRACE_SECONDS if heartbeat else None,
+                heartbeat_stale_trial_callback=on_stale_trial if heartbeat else None,
             )
     except Exception as error:  # sqlalchemy raises many kinds; the user needs the URL and the reason
         raise ConfigError(

@@ -231,6 +231,12 @@ class Tracker:
                 self.parent_run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()]
             )
 
+    def log_leaderboard(self, knob_sets: Any) -> None:
+        """The study's ranked knob sets (a pandas DataFrame) as the search run's table artifact
+        ``study/leaderboard.json``, which MLflow's artifact viewer shows as a table."""
+        assert self.parent_run_id is not None
+        self.client.log_table(self.parent_run_id, data=knob_sets, artifact_file="study/leaderboard.json")
+
     def log_trial(
         self,
         *,
