@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install browser test render search server ui dashboard prefer leaderboard export bench lint clean
+.PHONY: install browser test render search server ui dashboard prefer leaderboard export bench lint schema clean
 
 install: $(STAMP)
 
@@ -89,6 +89,10 @@ bench: install
 	$(BIN)/python benchmarks/bench_pruning.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+# The JSON Schemas of study files and configs, which editors read (the tests fail when one is out of date).
+schema: install
+	$(BIN)/python -m sounding_anagrams.schema
 
 lint: install
 	$(BIN)/ruff check sounding_anagrams tests benchmarks

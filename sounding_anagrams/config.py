@@ -1,21 +1,19 @@
-"""The one run config: a frozen dataclass that is validated whole, logged whole and re-rendered exactly.
+"""The one run config: a frozen pydantic model that is validated whole, logged whole and re-rendered exactly.
 
-Everything is checked in ``__post_init__``, before any model is loaded, so a typo costs a second, not a
-model load. ``RenderConfig.from_dict`` rejects unknown keys with a did-you-mean.
+Everything is checked when the config is built, before any model is loaded, so a typo costs a second, not a
+model load. Unknown keys are refused with a did-you-mean; ``configs/config.schema.json`` is its JSON Schema.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from sounding_anagrams.errors import ConfigError, unknown_name_message
+from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.hub import AUFFUSION_ID, SD15_ID, TINY_MODELS
 from sounding_anagrams.sampler.views import (
@@ -24,62 +22,109 @@ from sounding_anagrams.sampler.views import (
     default_view_weights,
     parse_view,
 )
+from sounding_anagrams.validation import StrictModel
 
-__all__ = ["AUFFUSION_ID", "SD15_ID", "TINY_MODELS", "RenderConfig"]
-
-SCHEDULERS = ("ddim", "dpmsolver++")
-VOCODERS = ("hifigan", "griffin_lim")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-# Each field's expected kind, used to coerce YAML/CLI values and to reject wrong types by name.
-_STR, _INT, _OPT_INT, _FLOAT = "str", "int", "opt_int", "float"
-_STRS, _FLOATS, _OPT_FLOATS = "strs", "floats", "opt_floats"
+Scheduler = Literal["ddim", "dpmsolver++"]
+Vocoder = Literal["hifigan", "griffin_lim"]
+Device = Literal["auto", "cpu", "cuda"]
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+SCHEDULERS, VOCODERS, DEVICES, DTYPES = (get_args(kind) for kind in (Scheduler, Vocoder, Device, Dtype))
 # The default warm start of the image model, in percent of the schedule (docs/METHOD.md §1).
 DEFAULT_IMAGE_START_PERCENT = 5
 
 
-@dataclass(frozen=True)
-class RenderConfig:
+def _one_per_view(what: str) -> BeforeValidator:
+    """YAML lists (and tuples) become tuples; a single value is refused, not wrapped, so a forgotten list is
+    never silently one view."""
+
+    def check(value: Any) -> Any:
+        if value is None or isinstance(value, tuple):
+            return value
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ValueError(f"must be a list of {what}, one per view (got a single {type(value).__name__})")
+        return tuple(value)
+
+    return BeforeValidator(check)
+
+
+Texts = Annotated[tuple[str, ...], _one_per_view("strings")]
+Weights = Annotated[tuple[float, ...] | None, _one_per_view("numbers")]
+Scale = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+
+
+class RenderConfig(StrictModel):
     """Everything that determines one rendered candidate (with the device it ran on).
 
     A batch of candidates shares ``SHARED_FIELDS`` (prompts, views, canvas, models); the sampler lets every
     other field differ per candidate.
     """
 
-    # What to make: one image prompt per view; one audio prompt (heard on the canvas) or one per view.
-    image_prompts: tuple[str, ...] = (
-        "painting of a garden, lithograph style, grayscale",
-        "painting of a helicopter, lithograph style, grayscale",
+    image_prompts: Texts = Field(
+        default=(
+            "painting of a garden, lithograph style, grayscale",
+            "painting of a helicopter, lithograph style, grayscale",
+        ),
+        description="One image prompt per view: what the canvas looks like through each view.",
     )
-    views: tuple[str, ...] = ("identity", "tile_rotate_cw")
-    audio_prompts: tuple[str, ...] = ("bird chirping",)
+    views: Texts = Field(
+        default=("identity", "tile_rotate_cw"),
+        description=(
+            "The views, e.g. [identity, tile_rotate_cw]; a spec may carry parameters: jigsaw(seed=3)."
+        ),
+    )
+    audio_prompts: Texts = Field(
+        default=("bird chirping",),
+        description="One audio prompt, heard on the canvas itself, or one per view.",
+    )
     image_negative_prompt: str = ""
     audio_negative_prompt: str = ""
-    # The knobs of the method (docs/METHOD.md §1). None means the method's default for these views.
-    view_weights: tuple[float, ...] | None = None
-    audio_view_weights: tuple[float, ...] | None = None
-    audio_weight: float = 0.5
-    image_guidance_scale: float = 10.0
-    audio_guidance_scale: float = 10.0
-    # Warm start: a term is on from its start step. None: the image model starts at 5% of the schedule (the
-    # seed's 5 of 100 steps), or at 0 when the audio model starts late, so no default fights valid input.
-    image_start_step: int | None = None
-    audio_start_step: int = 0
-    num_inference_steps: int = 100
-    scheduler: str = "ddim"
-    seed: int = 0
-    # Canvas in pixels; the latent is (4, height / 8, width / 8).
-    height: int = 256
-    width: int = 1024
-    # Sound: Auffusion leaves a dark strip at the right edge, cut from the spectrogram and the WAV.
-    vocoder: str = "hifigan"
-    crop_right: int = 32
-    # Models: a hub id, a local folder, or "tiny" (small random models built offline).
-    image_model: str = SD15_ID
-    audio_model: str = AUFFUSION_ID
-    device: str = "auto"
-    dtype: str = "auto"
+    view_weights: Weights = Field(
+        default=None,
+        description="The image model's weight of each view (docs/METHOD.md §1); null: the views' default.",
+    )
+    audio_view_weights: Weights = Field(
+        default=None,
+        description=(
+            "The audio model's weight of each audio prompt's view; null: the default ([1.0] for one)."
+        ),
+    )
+    audio_weight: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = Field(
+        default=0.5, description="How much of each step's noise estimate comes from the audio model."
+    )
+    image_guidance_scale: Scale = 10.0
+    audio_guidance_scale: Scale = 10.0
+    image_start_step: Annotated[int | None, Field(ge=0)] = Field(
+        default=None,
+        description=(
+            "The step the image model switches on; null: 5% of the steps, or 0 when the audio starts late."
+        ),
+    )
+    audio_start_step: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="The step the audio model switches on; one of the two start steps must be 0."
+    )
+    num_inference_steps: Annotated[int, Field(ge=1, le=1000)] = 100
+    scheduler: Scheduler = "ddim"
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0
+    height: Annotated[int, Field(ge=64, le=4096, multiple_of=8)] = Field(
+        default=256, description="Canvas height in pixels; the latent is (4, height / 8, width / 8)."
+    )
+    width: Annotated[int, Field(ge=64, le=4096, multiple_of=8)] = Field(
+        default=1024, description="Canvas width in pixels."
+    )
+    vocoder: Vocoder = "hifigan"
+    crop_right: Annotated[int, Field(ge=0)] = Field(
+        default=32,
+        description=(
+            "Pixels cut from the right of the spectrogram and the sound (Auffusion leaves a dark strip)."
+        ),
+    )
+    image_model: str = Field(
+        default=SD15_ID,
+        description='A hub id, a local folder, or "tiny" (small random models built offline).',
+    )
+    audio_model: str = Field(default=AUFFUSION_ID, description='A hub id, a local folder, or "tiny".')
+    device: Device = "auto"
+    dtype: Dtype = "auto"
 
     SHARED_FIELDS: ClassVar[tuple[str, ...]] = (
         "image_prompts",
@@ -94,55 +139,34 @@ class RenderConfig:
         "device",
         "dtype",
     )
-    _KINDS: ClassVar[dict[str, str]] = {
-        "image_prompts": _STRS,
-        "views": _STRS,
-        "audio_prompts": _STRS,
-        "image_negative_prompt": _STR,
-        "audio_negative_prompt": _STR,
-        "view_weights": _OPT_FLOATS,
-        "audio_view_weights": _OPT_FLOATS,
-        "audio_weight": _FLOAT,
-        "image_guidance_scale": _FLOAT,
-        "audio_guidance_scale": _FLOAT,
-        "image_start_step": _OPT_INT,
-        "audio_start_step": _INT,
-        "num_inference_steps": _INT,
-        "scheduler": _STR,
-        "seed": _INT,
-        "height": _INT,
-        "width": _INT,
-        "vocoder": _STR,
-        "crop_right": _INT,
-        "image_model": _STR,
-        "audio_model": _STR,
-        "device": _STR,
-        "dtype": _STR,
-    }
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), self._KINDS[f.name]))
-        self._check_canvas_and_views()
-        self._check_prompts()
-        self._check_weights()
-        self._check_schedule()
-        self._check_choices()
 
     # -- validation, one concern each ------------------------------------------------------------------
 
-    def _check_canvas_and_views(self) -> None:
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value < 64 or value > 4096 or value % 8:
-                raise ConfigError(name, value, "must be a multiple of 8 between 64 and 4096 pixels")
-        if not self.views:
-            raise ConfigError("views", list(self.views), "give at least one view, e.g. [identity, flip]")
-        parsed = self.parsed_views()
-        for view in parsed:
+    @field_validator("views")
+    @classmethod
+    def _canonical_views(cls, views: tuple[str, ...]) -> tuple[str, ...]:
+        # Canonical specs, with their parameters, so that the exported config re-renders the exact views.
+        if not views:
+            raise ConfigError("views", list(views), "give at least one view, e.g. [identity, flip]")
+        return tuple(parse_view(spec).spec for spec in views)
+
+    @field_validator("image_model", "audio_model")
+    @classmethod
+    def _model_named(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("give a hub id, a local folder or 'tiny'")
+        return name
+
+    @model_validator(mode="after")
+    def _check_together(self) -> RenderConfig:
+        for view in self.parsed_views():
             view.check_canvas(self.height // 8, self.width // 8)
-        # Store canonical specs so that the exported config re-renders the exact same views.
-        object.__setattr__(self, "views", tuple(view.spec for view in parsed))
+        self._check_prompts()
+        self._check_weights()
+        self._check_schedule()
+        if self.crop_right >= self.width:
+            raise ConfigError("crop_right", self.crop_right, f"must be in [0, width) = [0, {self.width})")
+        return self
 
     def _check_prompts(self) -> None:
         n_views = len(self.views)
@@ -162,6 +186,7 @@ class RenderConfig:
             )
 
     def _check_weights(self) -> None:
+        # Unset weights become the views' defaults here: the config is frozen once validated.
         views = self.parsed_views()
         if self.view_weights is None:
             object.__setattr__(self, "view_weights", default_view_weights(views))
@@ -178,16 +203,11 @@ class RenderConfig:
                 "with one audio prompt the sound is heard on the canvas itself: leave it unset or give [1.0]",
             )
         check_view_weights(audio_views, self.audio_view_weights, field="audio_view_weights")
-        _check_range("audio_weight", self.audio_weight, 0.0, 1.0)
-        _check_range("image_guidance_scale", self.image_guidance_scale, 0.0, 100.0)
-        _check_range("audio_guidance_scale", self.audio_guidance_scale, 0.0, 100.0)
 
     def _check_schedule(self) -> None:
-        if not 1 <= self.num_inference_steps <= 1000:
-            raise ConfigError("num_inference_steps", self.num_inference_steps, "must be between 1 and 1000")
         for name in ("image_start_step", "audio_start_step"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.num_inference_steps:
+            if value is not None and not value < self.num_inference_steps:
                 raise ConfigError(
                     name, value, f"must be in [0, num_inference_steps) = [0, {self.num_inference_steps})"
                 )
@@ -200,24 +220,6 @@ class RenderConfig:
                 f"image_start_step or audio_start_step (={self.audio_start_step}) must be 0: "
                 "the first step needs a noise estimate",
             )
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError("seed", self.seed, "must be in [0, 2**63)")
-
-    def _check_choices(self) -> None:
-        for name, allowed in (
-            ("scheduler", SCHEDULERS),
-            ("vocoder", VOCODERS),
-            ("device", DEVICES),
-            ("dtype", DTYPES),
-        ):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(name, value, unknown_name_message(name, value, allowed))
-        if not 0 <= self.crop_right < self.width:
-            raise ConfigError("crop_right", self.crop_right, f"must be in [0, width) = [0, {self.width})")
-        for name in ("image_model", "audio_model"):
-            if not getattr(self, name).strip():
-                raise ConfigError(name, getattr(self, name), "give a hub id, a local folder or 'tiny'")
 
     # -- derived values ------------------------------------------------------------------------------
 
@@ -249,20 +251,7 @@ class RenderConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> RenderConfig:
         """Build from a mapping (YAML); unknown keys are an error naming the key and the close one."""
-        if not isinstance(data, Mapping):
-            raise ConfigError("config", data, "must be a mapping of field: value", source=source)
-        known = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ConfigError(
-                    str(key), data[key], unknown_name_message("field", str(key), known), source=source
-                )
-        try:
-            return cls(**dict(data))
-        except ConfigError as error:
-            if source is None:
-                raise
-            raise ConfigError(error.field, error.value, error.allowed, source=source) from None
+        return cls.validate_data(data, source=source)
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, field: str = "--config") -> RenderConfig:
@@ -271,11 +260,8 @@ class RenderConfig:
         return cls.from_dict(read_yaml_mapping(path, field), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        """Plain YAML/JSON values (lists, not tuples), every field, weights resolved."""
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
@@ -298,49 +284,7 @@ class RenderConfig:
             changes.setdefault("view_weights", None)
         if views_changed or audio_count_changed:
             changes.setdefault("audio_view_weights", None)
-        return dataclasses.replace(self, **changes)
-
-
-def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not (math.isfinite(value) and low <= value <= high):
-        raise ConfigError(name, value, f"must be in [{low:g}, {high:g}]")
-
-
-def _coerce(name: str, value: Any, kind: str) -> Any:
-    """Accept YAML/CLI values of the right type (lists, ints for floats); reject the rest by name."""
-    if kind == _STR:
-        if not isinstance(value, str):
-            raise ConfigError(name, value, "must be a string")
-        return value
-    if kind == _OPT_INT and value is None:
-        return None
-    if kind in (_INT, _OPT_INT):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(
-                name, value, "must be an integer" + (" (or null for the default)" if kind == _OPT_INT else "")
-            )
-        return value
-    if kind == _FLOAT:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, value, "must be a number")
-        return float(value)
-    if kind == _OPT_FLOATS and value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, Sequence):
-        what = "strings" if kind == _STRS else "numbers"
-        raise ConfigError(
-            name, value, f"must be a list of {what}, one per view (got a single {type(value).__name__})"
-        )
-    items = list(value)
-    if kind == _STRS:
-        for item in items:
-            if not isinstance(item, str):
-                raise ConfigError(name, items, f"every item must be a string, but got {item!r}")
-        return tuple(items)
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ConfigError(name, items, f"every item must be a number, but got {item!r}")
-    return tuple(float(item) for item in items)
+        return self.validate_data({**dict(self), **changes})
 
 
 def check_shared_fields(configs: Sequence[RenderConfig]) -> None:

@@ -47,17 +47,22 @@ def kill_mid_trial(
     trials seen RUNNING are certainly in flight when it dies (a pipelined worker may hold a batch being
     judged and one being sampled). Returns their numbers."""
     deadline = time.monotonic() + timeout
+    last_error: ConfigError | None = None
     while True:
         assert victim.poll() is None, "the worker to kill ended before it could be killed"
-        assert time.monotonic() < deadline, f"the worker to kill rendered no trial in {timeout} s"
-        if running_trials_of(storage, study_name, victim.pid):
-            victim.send_signal(signal.SIGSTOP)
-            numbers = running_trials_of(storage, study_name, victim.pid)
-            if numbers:
-                victim.send_signal(signal.SIGKILL)
-                victim.wait()
-                return numbers
+        assert time.monotonic() < deadline, f"no trial of the worker to kill in {timeout} s ({last_error})"
+        try:
+            if running_trials_of(storage, study_name, victim.pid):
+                victim.send_signal(signal.SIGSTOP)
+                numbers = running_trials_of(storage, study_name, victim.pid)
+                if numbers:
+                    victim.send_signal(signal.SIGKILL)
+                    victim.wait()
+                    return numbers
+                victim.send_signal(signal.SIGCONT)
+        except ConfigError as error:  # the workers are creating the storage; seen once on a loaded machine
             victim.send_signal(signal.SIGCONT)
+            last_error = error
         time.sleep(0.2)
 
 

@@ -316,3 +316,43 @@ def test_study_pictures_say_what_they_show(tmp_path: Path):
     assert axes.get_title() == "rotate: how much each knob moves the objective"
     assert axes.get_ylabel() == "knob" and axes.get_xlabel().startswith("importance (PED-ANOVA")
     plt.close(figure)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "pattern"),
+    [
+        ("tiny.colour", 1, r"^s.yaml: tiny.colour=1: unknown field 'colour'; available: batch, budget"),
+        ("tiny.batch", 0, r"^s.yaml: tiny.batch=0: must be an integer of at least 1"),
+        (
+            "tiny.space.audio_wieght",
+            {},
+            r"^s.yaml: tiny.space.audio_wieght=\{\}: .*did you mean 'audio_weight'",
+        ),
+        (
+            "tiny.render.audio_weight",
+            3,
+            r"^s.yaml, with its tiny section: render: audio_weight=3.0: must be in \[0, 1\]$",
+        ),
+        (
+            "render.view_weights",
+            [0.3, "a"],
+            r"^s.yaml: render: view_weights=\[0.3, 'a'\]: every item must be a number, but got 'a'$",
+        ),
+        (
+            "render.dtype",
+            "fp16",
+            r"^s.yaml: render: dtype='fp16': unknown dtype 'fp16'; did you mean 'float16'",
+        ),
+        ("space.audio_weight.typo", 1, r"^s.yaml: space.audio_weight.typo=1: .*did you mean 'type'"),
+        ("budget.trials", 2.5, r"^s.yaml: budget.trials=2.5: must be an integer"),
+        ("seed", -1, r"^s.yaml: seed=-1: must be in \[0, 2\*\*32\)$"),
+    ],
+)
+def test_errors_inside_sections_and_lists_say_where(path, value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_study(mutate(path, value), source="s.yaml", tiny=path.startswith("tiny"))
+
+
+def test_a_single_objective_may_be_written_without_a_list():
+    study = parse_study(mutate("objectives", "min(clip/alignment, clap/audio0)"), source="s.yaml")
+    assert [objective.spec for objective in study.objectives] == ["min(clip/alignment, clap/audio0)"]

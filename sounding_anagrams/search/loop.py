@@ -82,6 +82,7 @@ from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, obj
 from sounding_anagrams.search.workers import (
     DISK_FULL,
     INTERRUPTED,
+    ORPHANED,
     WORKER_DIED,
     is_cut_short,
     this_worker,
@@ -582,6 +583,7 @@ class SearchRunner:
             # Counting and asking under the study's ask lock, which every worker on every machine takes:
             # together they never ask more trials than the budget has left.
             with ask_lock(self.storage, self.study_name):
+                self.fail_orphaned_trials()
                 running = len(self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 # Told trials are finished in the storage; asked ones (this worker's or another's) RUNNING.
                 remaining = (target - self.finished_count() - running) if target is not None else per_call
@@ -1126,6 +1128,23 @@ class SearchRunner:
                 continue
             self.retry_dead_workers_trial(self.optuna_study, self.rdb.get_trial(trial._trial_id))
         self.tracker.end_dead_parents()
+
+    def fail_orphaned_trials(self) -> None:
+        """Fail RUNNING trials that name no worker: their asker died inside its ask, before naming itself.
+
+        Called under the ask lock: a live worker asks and names its trials without letting the lock go, so
+        no live worker's trial is nameless then. Such a trial has no heartbeat either (Optuna's stale check
+        never sees it) and no knob set to retry; left RUNNING, it would hold a place of the budget forever.
+        """
+        for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" in trial.user_attrs:
+                continue
+            try:
+                self.rdb.set_trial_user_attr(trial._trial_id, "fail_reason", ORPHANED)
+                if self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    logger.warning("trial %d: %s; failed (it does not count)", trial.number, ORPHANED)
+            except (RuntimeError, ValueError):  # finished meanwhile
+                continue
 
     def retry_dead_workers_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial failed because its worker died (its pid is gone, or its heartbeats stopped) is retried

@@ -26,12 +26,13 @@ import copy
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
+from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError, unknown_name_message
@@ -44,41 +45,24 @@ from sounding_anagrams.evaluation.objectives import (
 )
 from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.sampler.views import PERMUTATION
+from sounding_anagrams.validation import Rule, StrictModel
 
-SAMPLERS = ("tpe", "gp", "nsga2", "random", "grid")
-AGGREGATES = ("mean", "median", "min", "max")
+SamplerKind = Literal["tpe", "gp", "nsga2", "random", "grid"]
+PrunerKind = Literal["none", "median", "successive_halving"]
+Aggregate = Literal["mean", "median", "min", "max"]
+ParamType = Literal["float", "int", "categorical"]
+SAMPLERS, PRUNERS, AGGREGATES, PARAM_TYPES = (
+    get_args(kind) for kind in (SamplerKind, PrunerKind, Aggregate, ParamType)
+)
 # A study name becomes folder names under --runs (renders, reports, exports): nothing that could leave it.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-PRUNERS = ("none", "median", "successive_halving")
-PARAM_TYPES = ("float", "int", "categorical")
+NAME_RULE = "give the study a name (it names the Optuna study and MLflow experiment)"
 BALANCE_PARAMS = ("view_balance", "audio_view_balance")
 SEARCHABLE = (
     # Not the seed: each trial renders on seeds_per_trial seeds of its own (see trial_seeds).
-    tuple(
-        f.name
-        for f in dataclasses.fields(RenderConfig)
-        if f.name not in RenderConfig.SHARED_FIELDS and f.name != "seed"
-    )
+    tuple(name for name in RenderConfig.model_fields if name not in (*RenderConfig.SHARED_FIELDS, "seed"))
     + BALANCE_PARAMS
 )
-_STUDY_KEYS = (
-    "name",
-    "render",
-    "space",
-    "objectives",
-    "sampler",
-    "pruner",
-    "previews",
-    "batch",
-    "budget",
-    "seed",
-    "seeds_per_trial",
-    "aggregate",
-    "baseline",
-    "start_points",
-    "tiny",
-)
-_TINY_KEYS = ("render", "space", "batch", "budget", "previews", "pruner", "seeds_per_trial", "sampler")
 
 
 @dataclass(frozen=True)
@@ -132,15 +116,273 @@ class ParamSpec:
 
 
 @dataclass(frozen=True)
-class Budget:
-    trials: int | None = None
-    minutes: float | None = None
-
-
-@dataclass(frozen=True)
 class PrunerSpec:
     type: str = "none"
     options: Mapping[str, Any] = field(default_factory=dict)
+
+
+# -- the study file, as written: pydantic models (studies/study.schema.json is their JSON Schema) ----------
+
+FiniteNumber = Annotated[float | None, Field(allow_inf_nan=False)]
+
+
+class Distribution(StrictModel):
+    """The range of one searched knob: float or int over [low, high] (on a log scale, or by step), or
+    categorical choices."""
+
+    type: ParamType
+    low: FiniteNumber = None
+    high: FiniteNumber = None
+    step: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = Field(
+        default=None, description="float/int: the grid's step (a grid search needs one)."
+    )
+    log: bool = Field(default=False, description="float/int: sample on a log scale (low must be positive).")
+    choices: list[Any] | None = Field(default=None, description="categorical: the values to choose from.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ConfigError("choices", self.choices, "give a non-empty list of values")
+            return self
+        if self.low is None or self.high is None:
+            name = "low" if self.low is None else "high"
+            raise ConfigError(name, None, "must be a finite number")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ConfigError("low", self.low, "int parameters need integer low and high")
+        if not self.low < self.high:
+            raise ConfigError("high", self.high, f"must be greater than low={self.low:g}")
+        if self.log and self.low <= 0:
+            raise ConfigError("low", self.low, "must be positive for a log scale")
+        return self
+
+    def spec(self, name: str) -> ParamSpec:
+        if self.type == "categorical":
+            return ParamSpec(name, self.type, choices=tuple(self.choices or ()))
+        assert self.low is not None and self.high is not None
+        cast: Callable[[float], float] = float if self.type == "float" else int
+        return ParamSpec(name, self.type, cast(self.low), cast(self.high), self.step, self.log)
+
+
+def _knob_names(space: Any) -> Any:
+    """Searched knobs by name: the seed is never one, and an unknown name gets a did-you-mean."""
+    if not isinstance(space, Mapping):
+        return space
+    if not space:
+        raise ConfigError("space", dict(space), "name at least one parameter to search")
+    for name, spec in space.items():
+        if name == "seed":
+            raise ConfigError(
+                "space.seed",
+                spec,
+                "seeds are not searched: a seed has no structure for the sampler to learn, so each trial "
+                "renders its knob set on seeds_per_trial seeds drawn from the study seed; remove space.seed "
+                "and set seeds_per_trial (e.g. 4) to judge every knob set on several seeds",
+            )
+        if name not in SEARCHABLE:
+            raise ConfigError(
+                f"space.{name}", spec, unknown_name_message("searchable parameter", str(name), SEARCHABLE)
+            )
+    return space
+
+
+def _kind_with_options(
+    section: str, default: str, kinds: tuple[str, ...], plain_field: str
+) -> tuple[BeforeValidator, WithJsonSchema]:
+    """``section: kind`` or ``section: {type: kind, option: value}`` -> ``{type: kind, **options}``, and the
+    JSON Schema of both forms. The options go to Optuna's own constructor, which checks them. A bad kind is
+    named by ``plain_field`` when given as a plain string, else by ``section.type``."""
+
+    def normalise(value: Any) -> dict[str, Any]:
+        plain = isinstance(value, str)
+        if plain:
+            value = {"type": value}
+        if not isinstance(value, Mapping):
+            raise ConfigError(section, value, f"must be one of {', '.join(kinds)}, or a mapping with a type")
+        options = dict(value)
+        kind = options.pop("type", default)
+        if kind not in kinds:
+            name = plain_field if plain else f"{section}.type"
+            raise ConfigError(name, kind, unknown_name_message(section, str(kind), kinds))
+        if "seed" in options:
+            raise ConfigError(f"{section}.seed", options["seed"], "the study's own seed: field seeds it")
+        return {"type": kind, **options}
+
+    schema = {
+        "anyOf": [
+            {"enum": list(kinds)},
+            {
+                "type": "object",
+                "properties": {"type": {"enum": list(kinds), "default": default}},
+                "additionalProperties": True,
+            },
+        ],
+        "default": default,
+    }
+    return BeforeValidator(normalise), WithJsonSchema(schema)
+
+
+Space = Annotated[
+    dict[str, Distribution],
+    BeforeValidator(_knob_names),
+    Field(json_schema_extra={"propertyNames": {"enum": list(SEARCHABLE)}}),
+]
+_SAMPLER_FORMS = _kind_with_options("sampler", "tpe", SAMPLERS, plain_field="sampler")
+_PRUNER_FORMS = _kind_with_options("pruner", "none", PRUNERS, plain_field="pruner.type")
+SamplerSpec = Annotated[dict[str, Any], _SAMPLER_FORMS[0], _SAMPLER_FORMS[1]]
+PrunerChoice = Annotated[dict[str, Any], _PRUNER_FORMS[0], _PRUNER_FORMS[1]]
+Previews = Annotated[
+    list[Annotated[float, Field(gt=0, lt=1)]],
+    Rule("give a list of fractions of the steps in (0, 1), e.g. [0.5, 0.75]"),
+]
+SeedsPerTrial = Annotated[
+    int, Field(ge=1, le=64), Rule("must be an integer from 1 to 64 (seeds each knob set is rendered on)")
+]
+Batch = Annotated[int | None, Field(ge=1)]
+
+
+class Budget(StrictModel):
+    """When the search stops: after this many trials (knob sets) or minutes, whichever comes first."""
+
+    trials: Annotated[int | None, Field(ge=1)] = None
+    minutes: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _some_limit(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("trials") is None and data.get("minutes") is None:
+            raise ConfigError("", dict(data), "give trials and/or minutes")
+        return data
+
+
+class TinySection(StrictModel):
+    """What changes with ``--models tiny``: render, space and budget entries replace the main ones key by
+    key; the rest replace them whole."""
+
+    # render and budget are partial: merged into the main sections, which are validated then.
+    render: dict[str, Any] = Field(default_factory=dict)
+    space: Space = Field(default_factory=dict)
+    batch: Batch = None
+    budget: dict[str, Any] = Field(default_factory=dict)
+    previews: Previews = Field(default_factory=list)
+    pruner: PrunerChoice = Field(default_factory=dict)
+    seeds_per_trial: SeedsPerTrial = 1
+    sampler: SamplerSpec = Field(default_factory=dict)
+
+
+class StudyFile(StrictModel):
+    """A study file (studies/*.yaml): what to make, which knobs to search, what to optimise, how long."""
+
+    model_config = StrictModel.model_config | {"title": "sounding-anagrams study"}
+    SECTIONS = ("render",)
+
+    name: Annotated[str, Rule(NAME_RULE)] = Field(
+        description="Names the Optuna study, the MLflow experiment and the folders under --runs."
+    )
+    render: RenderConfig = Field(
+        default_factory=RenderConfig,
+        description="The fixed part of every candidate; its knob values are trial 0, the baseline.",
+    )
+    space: Annotated[
+        Space,
+        Rule(
+            "name at least one parameter to search, e.g. {audio_weight: {type: float, low: 0.2, high: 0.8}}"
+        ),
+    ] = Field(
+        description="The knobs searched: per-candidate RenderConfig fields, view_balance, audio_view_balance."
+    )
+    objectives: Annotated[
+        list[str],
+        BeforeValidator(lambda value: [value] if isinstance(value, str) else value),
+        Field(min_length=1),
+        Rule('give at least one objective, e.g. ["min(clip/alignment, clap/audio0)"]'),
+    ] = Field(
+        description='What to optimise, e.g. ["min(clip/alignment, clap/audio0)"]; several: multi-objective.'
+    )
+    sampler: SamplerSpec = Field(
+        default_factory=lambda: {"type": "tpe"},
+        description="tpe | gp | nsga2 | random | grid, or {type: gp, n_startup_trials: 8}.",
+    )
+    pruner: PrunerChoice = Field(
+        default_factory=lambda: {"type": "none"},
+        description="none | median | successive_halving, or {type: median, n_startup_trials: 4}.",
+    )
+    previews: Previews = Field(
+        default_factory=list, description="Fractions of the steps where x0 previews are scored, for pruning."
+    )
+    batch: Batch = Field(
+        default=None,
+        description=(
+            "Renders per batched sampler call: whole trials of seeds_per_trial renders (default 1 trial)."
+        ),
+    )
+    budget: Annotated[Budget, Rule("give trials and/or minutes, e.g. {trials: 32, minutes: 120}")] = Field(
+        description="When the search stops."
+    )
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = Field(
+        default=0, description="Seeds the sampler and the trials' render seeds."
+    )
+    seeds_per_trial: SeedsPerTrial = Field(
+        default=1, description="M: each trial is one knob set rendered on M seeds (never searched)."
+    )
+    aggregate: Aggregate = Field(default="mean", description="How a trial's M values become its value.")
+    baseline: bool = Field(
+        default=True, description="Trial 0 renders the render: values of the searched knobs."
+    )
+    start_points: Annotated[
+        list[dict[str, Any]], Rule("give a list of knob sets, e.g. [{audio_weight: 0.3}]")
+    ] = Field(default_factory=list, description="Knob sets tried right after the baseline.")
+    tiny: TinySection = Field(
+        default_factory=TinySection,
+        description="The study made small for --models tiny (offline, on a CPU).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _folder_safe(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError(NAME_RULE)
+        if not STUDY_NAME.fullmatch(name.strip()):
+            raise ValueError(
+                "must be letters, digits, '.', '_' or '-', starting with a letter or digit (it names folders "
+                "under --runs, so no '/' and no '..')"
+            )
+        return name.strip()
+
+    @model_validator(mode="after")
+    def _check_together(self) -> StudyFile:
+        _check_balances(self.space, self.render)
+        if self.sampler["type"] == "grid":
+            for name, distribution in self.space.items():
+                if distribution.type != "categorical" and distribution.step is None:
+                    raise ConfigError(f"space.{name}.step", None, "a grid search needs a step (or choices)")
+        if self.pruner["type"] != "none" and len(self.objectives) > 1:
+            raise ConfigError(
+                "pruner", self.pruner["type"], "pruning needs a single objective (Optuna prunes on one value)"
+            )
+        if self.pruner["type"] != "none" and not self.previews:
+            raise ConfigError(
+                "previews", self.previews, "a pruner needs preview steps to judge candidates early"
+            )
+        check_batch(self.batch_size, self.seeds_per_trial, field="batch")
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch if self.batch is not None else self.seeds_per_trial
+
+
+def study_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a study file, for editors (studies/study.schema.json).
+
+    The tiny section's render and budget are checked against the main sections' schemas: every field of those
+    has a default, so a part of one is valid there too.
+    """
+    schema = StudyFile.model_json_schema()
+    tiny = schema["$defs"]["TinySection"]["properties"]
+    for name, model in (("render", "RenderConfig"), ("budget", "Budget")):
+        tiny[name] = {"$ref": f"#/$defs/{model}"}
+    return schema
 
 
 @dataclass(frozen=True)
@@ -193,216 +435,62 @@ def load_study(path: str | Path, *, tiny: bool = False) -> StudyConfig:
     return parse_study(data, source=source, tiny=tiny)
 
 
-def _require_mapping(value: Any, field_name: str, source: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(field_name, value, "must be a mapping", source=source)
-    return value
+def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> StudyConfig:
+    """The study of a study file's mapping; with ``tiny``, its tiny section applied on tiny models.
+
+    The main section must be valid on its own too: a tiny run must not hide an error of the real one.
+    """
+    study = _study_config(StudyFile.validate_data(data, source=source, what="study"), source)
+    if tiny:
+        try:
+            study = _study_config(StudyFile.validate_data(_with_tiny(data), source=source), source)
+        except ConfigError as error:
+            # An error found only once the tiny section is applied says so.
+            if error.source is None or not error.source.startswith(source):
+                raise
+            where = f"{source}, with its tiny section{error.source[len(source) :]}"
+            raise ConfigError(error.field, error.value, error.allowed, source=where) from None
+    return study
 
 
-def _check_keys(data: Mapping[str, Any], allowed: tuple[str, ...], prefix: str, source: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ConfigError(
-                f"{prefix}{key}", data[key], unknown_name_message("field", str(key), allowed), source=source
-            )
-
-
-def _merge_tiny(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Apply the ``tiny`` section: its render/space/budget entries replace or extend the main ones."""
+def _with_tiny(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Apply the ``tiny`` section (validated already): its render/space/budget entries replace or extend the
+    main ones; on tiny models."""
     merged = copy.deepcopy(dict(data))
-    tiny = _require_mapping(merged.pop("tiny", None) or {}, "tiny", source)
-    _check_keys(tiny, _TINY_KEYS, "tiny.", source)
-    for key, value in tiny.items():
-        if key in ("render", "space", "budget"):
-            merged[key] = {
-                **_require_mapping(merged.get(key) or {}, key, source),
-                **_require_mapping(value, f"tiny.{key}", source),
-            }
-        else:
-            merged[key] = value
+    for key, value in (merged.pop("tiny", None) or {}).items():
+        merged[key] = {**(merged.get(key) or {}), **value} if key in ("render", "space", "budget") else value
+    merged["render"] = {**(merged.get("render") or {}), "image_model": "tiny", "audio_model": "tiny"}
     return merged
 
 
-def parse_param(name: str, spec: Any, source: str) -> ParamSpec:
-    field_name = f"space.{name}"
-    if name == "seed":
-        raise ConfigError(
-            field_name,
-            spec,
-            "seeds are not searched: a seed has no structure for the sampler to learn, so each trial renders "
-            "its knob set on seeds_per_trial seeds drawn from the study seed; remove space.seed and set "
-            "seeds_per_trial (e.g. 4) to judge every knob set on several seeds",
-            source=source,
-        )
-    if name not in SEARCHABLE:
-        raise ConfigError(
-            field_name, spec, unknown_name_message("searchable parameter", name, SEARCHABLE), source=source
-        )
-    spec = _require_mapping(spec, field_name, source)
-    _check_keys(spec, ("type", "low", "high", "step", "log", "choices"), f"{field_name}.", source)
-    kind = spec.get("type")
-    if kind not in PARAM_TYPES:
-        raise ConfigError(
-            f"{field_name}.type", kind, unknown_name_message("type", str(kind), PARAM_TYPES), source=source
-        )
-    if kind == "categorical":
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(
-                f"{field_name}.choices", choices, "give a non-empty list of values", source=source
-            )
-        return ParamSpec(name, kind, choices=tuple(choices))
-    low, high, step = spec.get("low"), spec.get("high"), spec.get("step")
-    for key, value in (("low", low), ("high", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{field_name}.{key}", value, "must be a finite number", source=source)
-    assert isinstance(low, (int, float)) and isinstance(high, (int, float))
-    if kind == "int" and not (float(low).is_integer() and float(high).is_integer()):
-        raise ConfigError(f"{field_name}.low", low, "int parameters need integer low and high", source=source)
-    if not low < high:
-        raise ConfigError(f"{field_name}.high", high, f"must be greater than low={low}", source=source)
-    log = bool(spec.get("log", False))
-    if log and low <= 0:
-        raise ConfigError(f"{field_name}.low", low, "must be positive for a log scale", source=source)
-    if step is not None and (
-        isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step <= 0
-    ):
-        raise ConfigError(f"{field_name}.step", step, "must be a finite positive number", source=source)
-    return ParamSpec(
-        name,
-        kind,
-        float(low) if kind == "float" else int(low),
-        float(high) if kind == "float" else int(high),
-        step,
-        log,
-    )
-
-
-def parse_study(data: Any, *, source: str = "<study>", tiny: bool = False) -> StudyConfig:
-    data = _require_mapping(data, "study", source)
-    _check_keys(data, _STUDY_KEYS, "", source)
-    if tiny:
-        # The main section must be valid on its own too: a tiny run must not hide an error of the real one.
-        parse_study(data, source=source, tiny=False)
-        data = _merge_tiny(data, source)
-    name = data.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise ConfigError(
-            "name",
-            name,
-            "give the study a name (it names the Optuna study and MLflow experiment)",
-            source=source,
-        )
-    if not STUDY_NAME.fullmatch(name.strip()):
-        raise ConfigError(
-            "name",
-            name,
-            "must be letters, digits, '.', '_' or '-', starting with a letter or digit (it names folders "
-            "under --runs, so no '/' and no '..')",
-            source=source,
-        )
-    if tiny:
-        render_data = {
-            **_require_mapping(data.get("render") or {}, "render", source),
-            "image_model": "tiny",
-            "audio_model": "tiny",
-        }
-    else:
-        render_data = dict(_require_mapping(data.get("render") or {}, "render", source))
-    render = RenderConfig.from_dict(render_data, source=f"{source}: render")
-
-    space_data = _require_mapping(data.get("space") or {}, "space", source)
-    if not space_data:
-        raise ConfigError("space", {}, "name at least one parameter to search", source=source)
-    space = tuple(parse_param(str(key), value, source) for key, value in space_data.items())
-    _check_balances(space, render, source)
-
-    objectives = tuple(parse_objectives(data.get("objectives") or [], field=f"{source}: objectives"))
-    available = metric_names(len(render.views), len(render.audio_prompts))
+def _study_config(file: StudyFile, source: str) -> StudyConfig:
+    """The run's view of a validated study file: objectives parsed, the baseline and start points checked
+    against the space, and the sampler built once (Optuna checks its options now, not at the first trial)."""
+    objectives = tuple(parse_objectives(file.objectives, field=f"{source}: objectives"))
+    available = metric_names(len(file.render.views), len(file.render.audio_prompts))
     for objective in objectives:
         objective.check(available, field=f"{source}: objectives")
-
-    sampler, sampler_options = _parse_sampler(data.get("sampler", "tpe"), source)
-    if sampler == "grid":
-        for param in space:
-            if param.type != "categorical" and param.step is None:
-                raise ConfigError(
-                    f"space.{param.name}.step", None, "a grid search needs a step (or choices)", source=source
-                )
-
-    pruner = _parse_pruner(data.get("pruner", "none"), source)
-    if pruner.type != "none" and len(objectives) > 1:
-        raise ConfigError(
-            "pruner",
-            pruner.type,
-            "pruning needs a single objective (Optuna prunes on one value)",
-            source=source,
-        )
-    previews = data.get("previews", [])
-    if not isinstance(previews, list) or not all(
-        isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p < 1 for p in previews
-    ):
-        raise ConfigError(
-            "previews",
-            previews,
-            "give a list of fractions of the steps in (0, 1), e.g. [0.5, 0.75]",
-            source=source,
-        )
-    if pruner.type != "none" and not previews:
-        raise ConfigError(
-            "previews", previews, "a pruner needs preview steps to judge candidates early", source=source
-        )
-    seeds_per_trial = data.get("seeds_per_trial", 1)
-    if (
-        isinstance(seeds_per_trial, bool)
-        or not isinstance(seeds_per_trial, int)
-        or not 1 <= seeds_per_trial <= 64
-    ):
-        raise ConfigError(
-            "seeds_per_trial",
-            seeds_per_trial,
-            "must be an integer from 1 to 64 (seeds each knob set is rendered on)",
-            source=source,
-        )
-    aggregate = data.get("aggregate", "mean")
-    if aggregate not in AGGREGATES:
-        raise ConfigError(
-            "aggregate",
-            aggregate,
-            unknown_name_message("aggregate", str(aggregate), AGGREGATES),
-            source=source,
-        )
-    batch = data.get("batch", seeds_per_trial)
-    check_batch(batch, seeds_per_trial, field="batch", source=source)
-    budget = _parse_budget(data.get("budget") or {}, source)
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError("seed", seed, "must be an integer in [0, 2**32)", source=source)
-
+    sampler_options = {key: value for key, value in file.sampler.items() if key != "type"}
     study = StudyConfig(
-        name.strip(),
+        file.name,
         source,
-        render,
-        space,
+        file.render,
+        tuple(distribution.spec(name) for name, distribution in file.space.items()),
         objectives,
-        sampler,
-        pruner,
-        tuple(sorted(float(p) for p in previews)),
-        batch,
-        budget,
-        seed,
-        seeds_per_trial,
-        aggregate,
+        file.sampler["type"],
+        PrunerSpec(file.pruner["type"], {k: v for k, v in file.pruner.items() if k != "type"}),
+        tuple(sorted(file.previews)),
+        file.batch_size,
+        file.budget,
+        file.seed,
+        file.seeds_per_trial,
+        file.aggregate,
         sampler_options=sampler_options,
     )
     _check_space_extremes(study)
-    baseline = data.get("baseline", True)
-    if not isinstance(baseline, bool):
-        raise ConfigError("baseline", baseline, "must be true or false", source=source)
-    points = [baseline_params(study)] if baseline else []
-    points += _parse_start_points(data.get("start_points", []), study)
-    study = dataclasses.replace(study, start_points=tuple(points), baseline=baseline)
-    # The sampler's options are checked now (Optuna's own constructor), not at the first trial.
+    points = [baseline_params(study)] if file.baseline else []
+    points += _parse_start_points(file.start_points, study)
+    study = dataclasses.replace(study, start_points=tuple(points), baseline=file.baseline)
     from sounding_anagrams.search.samplers import make_sampler
 
     make_sampler(study)
@@ -464,16 +552,11 @@ def baseline_params(study: StudyConfig) -> dict[str, Any]:
     return params
 
 
-def _parse_start_points(value: Any, study: StudyConfig) -> list[dict[str, Any]]:
-    if not isinstance(value, list):
-        raise ConfigError(
-            "start_points", value, "give a list of knob sets, e.g. [{audio_weight: 0.3}]", source=study.source
-        )
+def _parse_start_points(value: list[dict[str, Any]], study: StudyConfig) -> list[dict[str, Any]]:
     space = {param.name: param for param in study.space}
     points = []
     for index, point in enumerate(value):
         field_name = f"start_points[{index}]"
-        point = _require_mapping(point, field_name, study.source)
         for key, knob in point.items():
             if key not in space:
                 raise ConfigError(
@@ -496,42 +579,17 @@ def _parse_start_points(value: Any, study: StudyConfig) -> list[dict[str, Any]]:
     return points
 
 
-def _parse_kind(
-    value: Any, name: str, default: str, allowed: tuple[str, ...], source: str, *, plain_field: str
-) -> tuple[str, dict[str, Any]]:
-    """``name: kind`` or ``name: {type: kind, option: value}`` -> (kind, options); a bad kind is named by
-    ``plain_field`` when given as a plain string, else by ``name.type``."""
-    field_name = plain_field if isinstance(value, str) else f"{name}.type"
-    if isinstance(value, str):
-        value = {"type": value}
-    options = dict(_require_mapping(value, name, source))
-    kind = options.pop("type", default)
-    if kind not in allowed:
-        raise ConfigError(field_name, kind, unknown_name_message(name, str(kind), allowed), source=source)
-    return kind, options
-
-
-def _parse_sampler(value: Any, source: str) -> tuple[str, dict[str, Any]]:
-    kind, options = _parse_kind(value, "sampler", "tpe", SAMPLERS, source, plain_field="sampler")
-    if "seed" in options:
-        raise ConfigError(
-            "sampler.seed", options["seed"], "the study's own seed: field seeds the sampler", source=source
-        )
-    return kind, options
-
-
-def _check_balances(space: tuple[ParamSpec, ...], render: RenderConfig, source: str) -> None:
-    for param in space:
-        if param.name not in BALANCE_PARAMS:
+def _check_balances(space: Mapping[str, Distribution], render: RenderConfig) -> None:
+    for name in space:
+        if name not in BALANCE_PARAMS:
             continue
-        views = render.parsed_views() if param.name == "view_balance" else render.parsed_audio_views()
+        views = render.parsed_views() if name == "view_balance" else render.parsed_audio_views()
         if len(views) != 2 or any(view.kind != PERMUTATION for view in views):
             raise ConfigError(
-                f"space.{param.name}",
-                param.name,
+                f"space.{name}",
+                name,
                 "a balance b sets the weights [1 - b, b] of exactly two permutation views "
                 "(hybrid parts weigh 1 each; one audio prompt has no balance)",
-                source=source,
             )
 
 
@@ -548,25 +606,3 @@ def _check_space_extremes(study: StudyConfig) -> None:
                     f"gives an invalid render config: {error}",
                     source=study.source,
                 ) from None
-
-
-def _parse_pruner(value: Any, source: str) -> PrunerSpec:
-    return PrunerSpec(*_parse_kind(value, "pruner", "none", PRUNERS, source, plain_field="pruner.type"))
-
-
-def _parse_budget(value: Any, source: str) -> Budget:
-    value = _require_mapping(value, "budget", source)
-    _check_keys(value, ("trials", "minutes"), "budget.", source)
-    trials, minutes = value.get("trials"), value.get("minutes")
-    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
-        raise ConfigError("budget.trials", trials, "must be an integer of at least 1", source=source)
-    if minutes is not None and (
-        isinstance(minutes, bool)
-        or not isinstance(minutes, (int, float))
-        or not math.isfinite(minutes)
-        or minutes <= 0
-    ):
-        raise ConfigError("budget.minutes", minutes, "must be a finite positive number", source=source)
-    if trials is None and minutes is None:
-        raise ConfigError("budget", dict(value), "give trials and/or minutes", source=source)
-    return Budget(trials, float(minutes) if minutes is not None else None)

@@ -12,6 +12,8 @@ from typing import Any
 # Reasons of a FAIL that judged nothing: such a trial does not count against the budget.
 INTERRUPTED = "interrupted"
 WORKER_DIED = "its worker died"
+# A trial asked by a worker that died inside its ask, before it named itself on the trial or chose its knobs.
+ORPHANED = "asked by a worker that died before it chose the knobs"
 DISK_FULL = "disk full"
 
 
@@ -57,4 +59,5 @@ def is_cut_short(trial: Any) -> bool:
     if trial.state.name != "FAIL":
         return False
     reason = trial.user_attrs.get("fail_reason")
-    return reason is None or reason == INTERRUPTED or str(reason).startswith((WORKER_DIED, DISK_FULL))
+    cut_short = (WORKER_DIED, ORPHANED, DISK_FULL)
+    return reason is None or reason == INTERRUPTED or str(reason).startswith(cut_short)
