@@ -100,7 +100,7 @@ def fresh_seed_objective(
     latents = JointSampler(models)(configs, progress=False).latents
     candidates = []
     for latent, cfg in zip(latents, configs, strict=True):
-        decoded = decode_candidate(latent, cfg, models, with_transition=False)
+        decoded = decode_candidate(latent, cfg, models)
         candidates.append(Candidate(decoded.pictures, decoded.waves, cfg.image_prompts, cfg.audio_prompts))
     return [study.objectives[0].value(record) for record in judges.score(candidates)]
 
