@@ -22,7 +22,7 @@ from sounding_anagrams.sampler.views import (
     default_view_weights,
     parse_view,
 )
-from sounding_anagrams.validation import StrictModel
+from sounding_anagrams.validation import NULL_IS_DEFAULT, StrictModel
 
 Scheduler = Literal["ddim", "dpmsolver++"]
 Vocoder = Literal["hifigan", "griffin_lim"]
@@ -48,7 +48,7 @@ def _one_per_view(what: str) -> BeforeValidator:
 
 
 Texts = Annotated[tuple[str, ...], _one_per_view("strings")]
-Weights = Annotated[tuple[float, ...] | None, _one_per_view("numbers")]
+Weights = Annotated[tuple[float, ...] | None, _one_per_view("numbers"), NULL_IS_DEFAULT]
 Scale = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 
 
@@ -93,7 +93,7 @@ class RenderConfig(StrictModel):
     )
     image_guidance_scale: Scale = 10.0
     audio_guidance_scale: Scale = 10.0
-    image_start_step: Annotated[int | None, Field(ge=0)] = Field(
+    image_start_step: Annotated[int | None, Field(ge=0), NULL_IS_DEFAULT] = Field(
         default=None,
         description=(
             "The step the image model switches on; null: 5% of the steps, or 0 when the audio starts late."
@@ -272,12 +272,12 @@ class RenderConfig(StrictModel):
         When the views change, their weights go back to the new views' defaults (and the audio view weights
         too, as when the number of audio prompts changes); other changes keep the weights given.
         """
+        views, audio_prompts = changes.get("views"), changes.get("audio_prompts")
         views_changed = (
-            "views" in changes
-            and not isinstance(changes["views"], str)
-            and tuple(parse_view(str(spec)).spec for spec in changes["views"]) != self.views
+            isinstance(views, (list, tuple))
+            and tuple(parse_view(str(spec)).spec for spec in views) != self.views
         )
-        audio_count_changed = "audio_prompts" in changes and len(changes["audio_prompts"]) != len(
+        audio_count_changed = isinstance(audio_prompts, (list, tuple)) and len(audio_prompts) != len(
             self.audio_prompts
         )
         if views_changed:

@@ -40,6 +40,14 @@ class Rule:
     text: str
 
 
+@dataclass(frozen=True)
+class NullIsDefault:
+    """Marks a field where null asks for the default (``image_start_step: null``); its type errors say so."""
+
+
+NULL_IS_DEFAULT = NullIsDefault()
+
+
 class StrictModel(BaseModel):
     """A frozen model that refuses unknown keys and coerces nothing but ints to floats and lists to tuples.
 
@@ -70,7 +78,7 @@ class StrictModel(BaseModel):
         if not isinstance(data, Mapping):
             raise ConfigError(what, data, "must be a mapping of field: value", source=source)
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(dict(data))
         except ValidationError as error:
             raise config_error(error, cls, data, source=source) from None
 
@@ -95,8 +103,15 @@ def config_error(
         base = loc if _is_model(_annotation_at(model, loc)) else loc[:-1]
         field = _join((*base, raised.field) if raised.field else base)
         return ConfigError(field, raised.value, raised.allowed, source=source or raised.source)
-    if kind == "invalid_key":
-        return ConfigError(_join((*loc[:-1], str(loc[-1]))), value, "field names are text", source=source)
+    if kind == "invalid_key" or (loc and loc[-1] == "[key]"):
+        # pydantic's place of a bad key: (..., key) at the top, (..., key, "[key]") in a dict field.
+        parent = loc[:-2] if loc and loc[-1] == "[key]" else loc[:-1]
+        return ConfigError(
+            _join(parent) or "config",
+            _value_at(data, parent),
+            f"has a key {value!r} that is not text; keys are names",
+            source=source,
+        )
     if kind == "extra_forbidden":
         known = list(getattr(_annotation_at(model, loc[:-1]), "model_fields", {}))
         return ConfigError(
@@ -115,7 +130,7 @@ def config_error(
         return ConfigError(_join(field_loc), shown, rule.text, source=source)
     else:
         name = str(field_loc[-1]) if field_loc else "value"
-        nullable = not item_of_list and info is not None and info.default is None and not info.is_required()
+        nullable = not item_of_list and info is not None and NULL_IS_DEFAULT in info.metadata
         allowed = _allowed(kind, value, info, _annotation_at(model, loc), name, nullable, first["msg"])
     if item_of_list:
         allowed = f"every item {allowed}, but got {value!r}"
@@ -129,7 +144,9 @@ def _allowed(
     pydantic's own words, for the kinds not named here)."""
     choices = _literal_choices(annotation)
     if kind == "literal_error" and choices:
-        return unknown_name_message(name, str(value), [str(c) for c in choices])
+        if not isinstance(value, str):
+            return f"must be one of {', '.join(str(c) for c in choices)}"
+        return unknown_name_message(name, value, [str(c) for c in choices])
     if kind == "missing":
         return "is required"
     if kind in ("model_type", "model_attributes_type", "dict_type", "mapping_type"):
@@ -184,7 +201,7 @@ def _number(value: Any) -> str:
 
 def _shown(value: Any, info: FieldInfo | None) -> Any:
     """The value as the field holds it: an int given for a float field is shown as that float."""
-    if info is not None and _unwrap(info.annotation) is float and type(value) is int:
+    if info is not None and _unwrap(info.annotation) is float and type(value) is int and abs(value) < 2**1023:
         return float(value)
     return value
 

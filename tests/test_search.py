@@ -579,6 +579,8 @@ def test_a_trial_left_nameless_by_a_worker_killed_inside_its_ask_does_not_hold_t
     study = load_study(REPO / "studies" / "rotate.yaml", tiny=True)
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     stored = optuna.create_study(study_name="rotate-tiny", storage=storage, directions=study.directions)
+    # It had taken a start point from the queue: that knob set goes back into the queue and is rendered.
+    stored.enqueue_trial({"audio_weight": 0.33}, user_attrs={"start_point": "start point 1"})
     orphan = stored.ask()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     worker = subprocess.Popen(_search_command(tmp_path, 2), stderr=subprocess.PIPE, text=True, env=env)
@@ -592,8 +594,11 @@ def test_a_trial_left_nameless_by_a_worker_killed_inside_its_ask_does_not_hold_t
     trials = _study(tmp_path).get_trials()
     assert trials[orphan.number].state == TrialState.FAIL
     assert trials[orphan.number].user_attrs["fail_reason"] == ORPHANED and not trials[orphan.number].params
-    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 2
     assert f"trial {orphan.number}: {ORPHANED}; failed" in err
+    requeued = [t for t in done if t.user_attrs.get("start_point") == "start point 1"]
+    assert len(requeued) == 1 and requeued[0].params["audio_weight"] == 0.33
 
 
 def _study(runs: Path) -> optuna.Study:

@@ -346,6 +346,20 @@ def test_study_pictures_say_what_they_show(tmp_path: Path):
         ("space.audio_weight.typo", 1, r"^s.yaml: space.audio_weight.typo=1: .*did you mean 'type'"),
         ("budget.trials", 2.5, r"^s.yaml: budget.trials=2.5: must be an integer"),
         ("seed", -1, r"^s.yaml: seed=-1: must be in \[0, 2\*\*32\)$"),
+        ("sampler", {3: 1}, r"^s.yaml: sampler=\{3: 1\}: has a key 3 that is not text"),
+        (
+            "render.vocoder",
+            ["hifigan"],
+            r"^s.yaml: render: vocoder=\['hifigan'\]: must be one of hifigan, griffin_lim$",
+        ),
+        (
+            "space.audio_weight.low",
+            float("nan"),
+            r"^s.yaml: space.audio_weight.low=nan: must be a finite number$",
+        ),
+        ("objectives", ["clip/alignment", 3], r"pruning needs a single objective"),
+        ("objectives", [3], r"^s.yaml: objectives=3: an objective is a metric name"),
+        ("space", "x", r"^s.yaml: space='x': must be a mapping$"),
     ],
 )
 def test_errors_inside_sections_and_lists_say_where(path, value, pattern):
@@ -356,3 +370,15 @@ def test_errors_inside_sections_and_lists_say_where(path, value, pattern):
 def test_a_single_objective_may_be_written_without_a_list():
     study = parse_study(mutate("objectives", "min(clip/alignment, clap/audio0)"), source="s.yaml")
     assert [objective.spec for objective in study.objectives] == ["min(clip/alignment, clap/audio0)"]
+
+
+def test_sections_left_empty_keep_their_defaults():
+    """A section with every line commented out reads as null in YAML: render and tiny keep their defaults."""
+    study = parse_study({**mutate("render", None), "space": {"audio_weight": BASE["space"]["audio_weight"]}})
+    assert study.render.views == ("identity", "tile_rotate_cw") and study.render.audio_weight == 0.5
+    assert parse_study(mutate("tiny", None), tiny=True).render.image_model == "tiny"
+    # An empty tiny.space changes nothing of the main space.
+    assert (
+        parse_study(mutate("tiny.space", {}), tiny=False).space
+        == load_study(REPO / "studies" / "rotate.yaml").space
+    )

@@ -75,6 +75,7 @@ from sounding_anagrams.search.stores import (
     check_sqlite_file,
     default_storage,
     ensure_database,
+    has_shared_lock,
     open_storage,
 )
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, trial_seeds
@@ -1133,18 +1134,27 @@ class SearchRunner:
         """Fail RUNNING trials that name no worker: their asker died inside its ask, before naming itself.
 
         Called under the ask lock: a live worker asks and names its trials without letting the lock go, so
-        no live worker's trial is nameless then. Such a trial has no heartbeat either (Optuna's stale check
-        never sees it) and no knob set to retry; left RUNNING, it would hold a place of the budget forever.
+        no live worker's trial is nameless then (on a storage without a shared lock, nothing is done). Such a
+        trial has no heartbeat either (Optuna's stale check never sees it); left RUNNING, it would hold a
+        place of the budget forever. A knob set it had taken from the queue (the baseline, a start point, a
+        retry) goes back into the queue.
         """
+        if not has_shared_lock(self.storage):
+            return
         for trial in self.optuna_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if "worker" in trial.user_attrs:
                 continue
             try:
                 self.rdb.set_trial_user_attr(trial._trial_id, "fail_reason", ORPHANED)
-                if self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                    logger.warning("trial %d: %s; failed (it does not count)", trial.number, ORPHANED)
+                if not self.rdb.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    continue
             except (RuntimeError, ValueError):  # finished meanwhile
                 continue
+            logger.warning("trial %d: %s; failed (it does not count)", trial.number, ORPHANED)
+            queued = trial.system_attrs.get("fixed_params")
+            if queued:
+                labels = {k: v for k, v in trial.user_attrs.items() if k in ("start_point", "retry_of")}
+                self.optuna_study.enqueue_trial(dict(queued), user_attrs=labels)
 
     def retry_dead_workers_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A trial failed because its worker died (its pid is gone, or its heartbeats stopped) is retried

@@ -65,7 +65,7 @@ def storage_lock(url: str, scope: str = "") -> Iterator[None]:
 
     parsed = make_url(url)
     backend = parsed.get_backend_name()
-    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+    if backend == "sqlite" and parsed.database and has_shared_lock(url):
         suffix = f".{zlib.crc32(scope.encode()):08x}.lock" if scope else ".lock"
         with FileLock(f"{Path(parsed.database).resolve()}{suffix}"):
             yield
@@ -90,6 +90,18 @@ def schema_lock(url: str) -> contextlib.AbstractContextManager[None]:
     row), and two openers at the same moment (workers started together, a leaderboard while a search starts)
     would both insert it (``UNIQUE constraint failed: alembic_version.version_num``)."""
     return storage_lock(url)
+
+
+def has_shared_lock(url: str) -> bool:
+    """Whether :func:`storage_lock` really excludes other processes for this storage (sqlite on a file,
+    PostgreSQL); other databases get no lock."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    return backend == "postgresql" or (
+        backend == "sqlite" and bool(parsed.database) and parsed.database != ":memory:"
+    )
 
 
 def ask_lock(url: str, study_name: str) -> contextlib.AbstractContextManager[None]:

@@ -45,7 +45,7 @@ from sounding_anagrams.evaluation.objectives import (
 )
 from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.sampler.views import PERMUTATION
-from sounding_anagrams.validation import Rule, StrictModel
+from sounding_anagrams.validation import NULL_IS_DEFAULT, Rule, StrictModel
 
 SamplerKind = Literal["tpe", "gp", "nsga2", "random", "grid"]
 PrunerKind = Literal["none", "median", "successive_halving"]
@@ -168,8 +168,6 @@ def _knob_names(space: Any) -> Any:
     """Searched knobs by name: the seed is never one, and an unknown name gets a did-you-mean."""
     if not isinstance(space, Mapping):
         return space
-    if not space:
-        raise ConfigError("space", dict(space), "name at least one parameter to search")
     for name, spec in space.items():
         if name == "seed":
             raise ConfigError(
@@ -183,6 +181,16 @@ def _knob_names(space: Any) -> Any:
             raise ConfigError(
                 f"space.{name}", spec, unknown_name_message("searchable parameter", str(name), SEARCHABLE)
             )
+    return space
+
+
+def _some_knob(space: Any) -> Any:
+    if space is None or (isinstance(space, Mapping) and not space):
+        raise ConfigError(
+            "space",
+            {} if space is None else dict(space),
+            "name at least one parameter to search, e.g. {audio_weight: {type: float, low: 0.2, high: 0.8}}",
+        )
     return space
 
 
@@ -238,7 +246,7 @@ Previews = Annotated[
 SeedsPerTrial = Annotated[
     int, Field(ge=1, le=64), Rule("must be an integer from 1 to 64 (seeds each knob set is rendered on)")
 ]
-Batch = Annotated[int | None, Field(ge=1)]
+Batch = Annotated[int | None, Field(ge=1), NULL_IS_DEFAULT]
 
 
 class Budget(StrictModel):
@@ -270,10 +278,18 @@ class TinySection(StrictModel):
     sampler: SamplerSpec = Field(default_factory=dict)
 
 
+# Sections that may be left empty (null in YAML): they keep their defaults.
+_SECTIONS = ("render", "tiny")
+
+
 class StudyFile(StrictModel):
     """A study file (studies/*.yaml): what to make, which knobs to search, what to optimise, how long."""
 
-    model_config = StrictModel.model_config | {"title": "sounding-anagrams study"}
+    # What a study cannot do without, for editors (the tool says the same, in its own words).
+    model_config = StrictModel.model_config | {
+        "title": "sounding-anagrams study",
+        "json_schema_extra": {"required": ["name", "space", "objectives", "budget"]},
+    }
     SECTIONS = ("render",)
 
     name: Annotated[str, Rule(NAME_RULE)] = Field(
@@ -283,19 +299,24 @@ class StudyFile(StrictModel):
         default_factory=RenderConfig,
         description="The fixed part of every candidate; its knob values are trial 0, the baseline.",
     )
-    space: Annotated[
-        Space,
-        Rule(
-            "name at least one parameter to search, e.g. {audio_weight: {type: float, low: 0.2, high: 0.8}}"
-        ),
-    ] = Field(
-        description="The knobs searched: per-candidate RenderConfig fields, view_balance, audio_view_balance."
+    space: Annotated[Space, BeforeValidator(_some_knob)] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Knobs searched: per-candidate RenderConfig fields, view_balance, audio_view_balance.",
     )
+    # Each objective is read by parse_objectives, which names what is wrong with it.
     objectives: Annotated[
-        list[str],
+        list[Any],
         BeforeValidator(lambda value: [value] if isinstance(value, str) else value),
-        Field(min_length=1),
         Rule('give at least one objective, e.g. ["min(clip/alignment, clap/audio0)"]'),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                ]
+            }
+        ),
     ] = Field(
         description='What to optimise, e.g. ["min(clip/alignment, clap/audio0)"]; several: multi-objective.'
     )
@@ -336,6 +357,14 @@ class StudyFile(StrictModel):
         default_factory=TinySection,
         description="The study made small for --models tiny (offline, on a CPU).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections_mean_defaults(cls, data: Any) -> Any:
+        # A section with every line commented out reads as null in YAML.
+        if isinstance(data, Mapping):
+            return {key: value for key, value in data.items() if not (key in _SECTIONS and value is None)}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -466,10 +495,13 @@ def _with_tiny(data: Mapping[str, Any]) -> dict[str, Any]:
 def _study_config(file: StudyFile, source: str) -> StudyConfig:
     """The run's view of a validated study file: objectives parsed, the baseline and start points checked
     against the space, and the sampler built once (Optuna checks its options now, not at the first trial)."""
-    objectives = tuple(parse_objectives(file.objectives, field=f"{source}: objectives"))
-    available = metric_names(len(file.render.views), len(file.render.audio_prompts))
-    for objective in objectives:
-        objective.check(available, field=f"{source}: objectives")
+    try:
+        objectives = tuple(parse_objectives(file.objectives))
+        available = metric_names(len(file.render.views), len(file.render.audio_prompts))
+        for objective in objectives:
+            objective.check(available, field="objectives")
+    except ConfigError as error:
+        raise ConfigError(error.field, error.value, error.allowed, source=source) from None
     sampler_options = {key: value for key, value in file.sampler.items() if key != "type"}
     study = StudyConfig(
         file.name,
