@@ -58,12 +58,16 @@ from sounding_anagrams import render as render_module  # noqa: E402
 from sounding_anagrams.animation import transition_frames, write_mp4  # noqa: E402
 from sounding_anagrams.config import RenderConfig  # noqa: E402
 from sounding_anagrams.evaluation.evaluate import Candidate, Scorers  # noqa: E402
+from sounding_anagrams.files import folder_bytes  # noqa: E402
 from sounding_anagrams.sampler import pipeline as pipeline_module  # noqa: E402
 from sounding_anagrams.sampler.models import ModelBundle, load_models  # noqa: E402
 from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
 from sounding_anagrams.sampler.transfer import HostReadback  # noqa: E402
-from sounding_anagrams.search import loop as loop_module  # noqa: E402
-from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
+from sounding_anagrams.sampler.views import build_views  # noqa: E402
+from sounding_anagrams.search import judging as judging_module  # noqa: E402
+from sounding_anagrams.search import sampling as sampling_module  # noqa: E402
+from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
+from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
 from sounding_anagrams.search.study import load_study  # noqa: E402
 from sounding_anagrams.search.tracking import Tracker  # noqa: E402
 from tests.designed_judges import designed_judges  # noqa: E402
@@ -72,11 +76,6 @@ H100_FLOPS = 400e12  # assumed dense fp16 throughput, FLOP/s
 UNET_FLOP = 0.803e12  # one UNet sample-forward at 256x1024 (SD 1.5 and Auffusion share the architecture)
 VAE_FLOP = 1.24e12  # one VAE decode of a 256x1024 canvas
 JUDGE_SECONDS = 1e-3  # vocoder + CLIP + CLAP of one candidate
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the regular files under ``folder``; links (MLflow's link to a trial folder) count nothing."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 # -- part 1: per-stage times ---------------------------------------------------------------------------
@@ -119,7 +118,7 @@ def stage_table(models: ModelBundle, steps: int) -> None:
         with clock("files (PNG, WAV, config)"):
             render_module.write_render_folder(folder, config, decoded, {})
         with clock("clip frames (512x128)"):
-            frames = transition_frames(config.parsed_views(), decoded.pictures)
+            frames = transition_frames(build_views(config.view_specs()), decoded.pictures)
         with clock("clip encode (H.264 MP4)"):
             write_mp4(folder / "transition.mp4", frames)
         images = [Image.fromarray(frame, mode="L") for frame in frames]
@@ -256,7 +255,7 @@ def simulate(models: ModelBundle, device: SimulatedDevice) -> None:
         model.unet.forward = unet_forward  # type: ignore[method-assign]
         model.vae.decode = vae_decode  # type: ignore[method-assign]
 
-    def vocode(generator: Any, log_mel: torch.Tensor) -> torch.Tensor:
+    def vocode(generator: Any, log_mel: torch.Tensor, **_: Any) -> torch.Tensor:
         device.launch(log_mel.shape[0] * JUDGE_SECONDS / 2)
         return torch.zeros(log_mel.shape[0], log_mel.shape[-1] * 160)
 
@@ -272,7 +271,8 @@ def simulate(models: ModelBundle, device: SimulatedDevice) -> None:
             device.wait_until(self.done_at)
 
     pipeline_module.HostReadback = SimulatedReadback  # type: ignore[misc]
-    loop_module.side_stream = device.side_stream  # type: ignore[assignment]
+    sampling_module.side_stream = device.side_stream  # type: ignore[assignment]
+    judging_module.side_stream = device.side_stream  # type: ignore[assignment]
 
 
 class SleepingJudges(Scorers):
@@ -319,7 +319,7 @@ def busy_fraction(trials: int, steps: int, *, overlap: bool, asynchronous: bool)
         render=study.render.replace(image_model="tiny", audio_model="tiny", num_inference_steps=steps),
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as runs:
-        runner = SearchRunner(
+        runner = SearchRunner.open(
             study,
             models,
             SleepingJudges(device),
@@ -422,7 +422,7 @@ def measured_busy_fraction(trials: int, steps: int) -> Busy:
         render=study.render.replace(image_model="bench", audio_model="bench", num_inference_steps=steps),
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-cuda-") as runs:
-        runner = SearchRunner(
+        runner = SearchRunner.open(
             study, models, judges, SearchSettings(runs_dir=Path(runs), trials=trials, progress=False)
         )
         torch.cuda.synchronize()

@@ -23,7 +23,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from optuna.trial import TrialState  # noqa: E402
 
 from sounding_anagrams.sampler.models import load_models  # noqa: E402
-from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
+from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
+from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
 from sounding_anagrams.search.study import parse_study  # noqa: E402
 from tests.designed_judges import JUDGED_STUDY, designed_judges  # noqa: E402
 
@@ -58,7 +59,9 @@ def main() -> None:
     for pruned in (False, True):
         with tempfile.TemporaryDirectory() as runs:
             config = parse_study(study(args.trials, args.steps, pruned), source="bench", tiny=True)
-            runner = SearchRunner(config, models, judges, SearchSettings(runs_dir=Path(runs), progress=False))
+            runner = SearchRunner.open(
+                config, models, judges, SearchSettings(runs_dir=Path(runs), progress=False)
+            )
             start = time.perf_counter()
             summary = runner.run()
             wall = time.perf_counter() - start

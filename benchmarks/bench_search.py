@@ -47,7 +47,8 @@ from sounding_anagrams.evaluation.metrics import summarize  # noqa: E402
 from sounding_anagrams.render import decode_candidate  # noqa: E402
 from sounding_anagrams.sampler.models import ModelBundle, load_models  # noqa: E402
 from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
-from sounding_anagrams.search.loop import SearchRunner, SearchSettings  # noqa: E402
+from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
+from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
 from sounding_anagrams.search.report import single_renders  # noqa: E402
 from sounding_anagrams.search.study import ParamSpec, StudyConfig, parse_study  # noqa: E402
 from tests.designed_judges import JUDGED_STUDY, designed_judges  # noqa: E402
@@ -145,7 +146,7 @@ def main() -> None:
         for design in DESIGNS:
             study = study_for(design, args.renders, args.seeds, study_seed=1000 + repeat)
             with tempfile.TemporaryDirectory() as runs:
-                runner = SearchRunner(
+                runner = SearchRunner.open(
                     study, models, judges, SearchSettings(runs_dir=Path(runs), progress=False)
                 )
                 start = time.perf_counter()

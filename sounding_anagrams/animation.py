@@ -10,8 +10,9 @@ it (docs/PERFORMANCE.md, "Artifacts").
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,15 @@ def write_mp4(
             audio = container.add_stream("aac", rate=sample_rate)
             audio.bit_rate, audio.layout = AUDIO_BITRATE, "mono"
             _encode_sound(container, audio, sound, sample_rate)
-        for index, gray in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(np.repeat(gray[..., None], 3, axis=2), format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _encode(container, stream, (_video_frame(gray, index) for index, gray in enumerate(frames)))
+
+
+def _video_frame(gray: np.ndarray, index: int) -> Any:
+    import av
+
+    frame = av.VideoFrame.from_ndarray(np.repeat(gray[..., None], 3, axis=2), format="rgb24")
+    frame.pts = index
+    return frame
 
 
 def _encode_sound(container: Any, stream: Any, sound: np.ndarray, sample_rate: int) -> None:
@@ -117,12 +120,20 @@ def _encode_sound(container: Any, stream: Any, sound: np.ndarray, sample_rate: i
     import av
 
     samples = np.nan_to_num(np.asarray(sound, dtype=np.float32).reshape(-1)).clip(-1, 1)
-    for start in range(0, len(samples), AAC_FRAME):
+
+    def audio_frame(start: int) -> Any:
         frame = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(samples[None, start : start + AAC_FRAME]), format="fltp", layout="mono"
         )
         frame.sample_rate, frame.pts, frame.time_base = sample_rate, start, Fraction(1, sample_rate)
+        return frame
+
+    _encode(container, stream, (audio_frame(start) for start in range(0, len(samples), AAC_FRAME)))
+
+
+def _encode(container: Any, stream: Any, frames: Iterable[Any]) -> None:
+    """Encode ``frames`` on ``stream`` one at a time, then flush what the encoder still holds (``None``),
+    muxing every packet it gives."""
+    for frame in itertools.chain(frames, [None]):
         for packet in stream.encode(frame):
             container.mux(packet)
-    for packet in stream.encode():
-        container.mux(packet)

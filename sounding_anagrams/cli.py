@@ -2,25 +2,27 @@
 
 Bad input ends with one line naming the field, the value and what is allowed, and a non-zero exit code
 (2: bad input, 3: models could not be loaded, 130: interrupted); never a traceback.
+
+Here: one parser per command, and ``main``, which dispatches to the commands' implementations
+(:mod:`sounding_anagrams.commands`, and the search modules for ``ui``, ``dashboard``, ``prefer`` and
+``server``). Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import os
-import re
-import signal
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from sounding_anagrams.commands.common import finite_float
+from sounding_anagrams.commands.evaluate import run_evaluate
+from sounding_anagrams.commands.render import RENDER_FLAGS, run_render
+from sounding_anagrams.commands.search import run_export, run_leaderboard, run_search
 from sounding_anagrams.errors import (
-    ConfigError,
     DiskFullError,
     SoundingAnagramsError,
     StoreError,
@@ -28,62 +30,11 @@ from sounding_anagrams.errors import (
     is_disk_full,
     one_line,
 )
-from sounding_anagrams.hub import AUFFUSION_ID, SD15_ID, TINY_MODELS
 
 if TYPE_CHECKING:
-    from sounding_anagrams.config import RenderConfig
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
 
-
-def finite_float(text: str) -> float:
-    """An argparse type: a number that is neither NaN nor infinite (argparse's own ``float`` takes both)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, but got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, but got {text!r}")
-    return value
-
-
-# flag -> RenderConfig field, for flags that override one field each.
-_RENDER_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "--views": (
-        "views",
-        {"nargs": "+", "metavar": "VIEW", "help": "one view per image prompt, e.g. identity tile_rotate_cw"},
-    ),
-    "--image-prompts": (
-        "image_prompts",
-        {"nargs": "+", "metavar": "PROMPT", "help": "one image prompt per view"},
-    ),
-    "--audio-prompts": (
-        "audio_prompts",
-        {"nargs": "+", "metavar": "PROMPT", "help": "one audio prompt per view"},
-    ),
-    "--view-weights": ("view_weights", {"nargs": "+", "type": finite_float, "metavar": "W"}),
-    "--audio-view-weights": ("audio_view_weights", {"nargs": "+", "type": finite_float, "metavar": "W"}),
-    "--audio-weight": (
-        "audio_weight",
-        {"type": finite_float, "help": "weight w_s of the audio model, in [0, 1]"},
-    ),
-    "--image-guidance": ("image_guidance_scale", {"type": finite_float}),
-    "--audio-guidance": ("audio_guidance_scale", {"type": finite_float}),
-    "--image-start-step": (
-        "image_start_step",
-        {"type": int, "help": "steps before this are audio only (default: 5%% of --steps)"},
-    ),
-    "--audio-start-step": ("audio_start_step", {"type": int, "help": "steps before this are image only"}),
-    "--steps": ("num_inference_steps", {"type": int}),
-    "--scheduler": ("scheduler", {"help": "ddim (default) or dpmsolver++"}),
-    "--seed": ("seed", {"type": int}),
-    "--height": ("height", {"type": int}),
-    "--width": ("width", {"type": int}),
-    "--vocoder": ("vocoder", {"help": "hifigan (Auffusion's) or griffin_lim (needs no vocoder weights)"}),
-    "--crop-right": ("crop_right", {"type": int, "help": "pixel columns cut from the right of the sound"}),
-    "--image-model": ("image_model", {"help": f"hub id or folder (default {SD15_ID})"}),
-    "--audio-model": ("audio_model", {"help": f"hub id or folder (default {AUFFUSION_ID})"}),
-    "--device": ("device", {"help": "auto, cpu or cuda"}),
-    "--dtype": ("dtype", {"help": "auto, float32, float16 or bfloat16"}),
-}
+DEFAULT_SERVER_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sounding-anagrams", description=__doc__.splitlines()[0] if __doc__ else None
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    add_render_parser(commands)
+    add_evaluate_parser(commands)
+    add_search_parser(commands)
+    add_leaderboard_parser(commands)
+    add_export_parser(commands)
+    add_ui_parser(commands)
+    add_dashboard_parser(commands)
+    add_prefer_parser(commands)
+    add_server_parser(commands)
+    return parser
 
+
+def add_render_parser(commands: Commands) -> None:
     render = commands.add_parser(
         "render",
         help="render one sounding anagram (or several seeds in one batch)",
@@ -103,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'tiny' (small random offline models), 'default' (the hub ids), a folder holding image/ and "
         "audio/ pipeline folders, or a hub id / folder for the image model",
     )
-    for flag, (dest, kwargs) in _RENDER_FLAGS.items():
+    for flag, (dest, kwargs) in RENDER_FLAGS.items():
         render.add_argument(flag, dest=dest, default=argparse.SUPPRESS, **kwargs)
     render.add_argument(
         "--audio-prompt",
@@ -120,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def add_evaluate_parser(commands: Commands) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="score render folders with CLIP (every view) and CLAP (every sound)",
@@ -149,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="windowed",
         help="windowed (images-that-sound: 256x256 windows, stride 32) or whole",
     )
-    evaluate.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
+
+def add_search_parser(commands: Commands) -> None:
     search = commands.add_parser(
         "search",
         help="tune the knobs of a study with Optuna; every candidate lands in MLflow",
@@ -172,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="renders per batched sampler call: a multiple of the study's seeds_per_trial (whole trials)",
     )
     _add_runs_arguments(search)
-    search.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study's)")
+    search.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     search.add_argument(
         "--max-unet-batch", type=int, default=None, help="chunk UNet batches to this many samples"
     )
@@ -191,28 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
         "their logs under <runs>/workers/",
     )
 
-    for name, text in (
-        ("leaderboard", "print the best candidates of a study"),
-        ("export", "write the best config (the Pareto set for several objectives)"),
-    ):
-        command = commands.add_parser(name, help=text, description=text)
-        command.add_argument("study", help="a study name, or its study file (studies/rotate.yaml)")
-        command.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
-        _add_runs_arguments(command)
-        if name == "leaderboard":
-            command.add_argument("--top", type=int, default=10)
-            command.add_argument(
-                "--format",
-                default="table",
-                help="table (default), markdown, csv (the knob sets) or json (both tables, as numbers)",
-            )
-        else:
-            command.add_argument(
-                "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
-            )
-            command.add_argument(
-                "--prefer", action="store_true", help="the candidates a person preferred in `prefer`'s study"
-            )
+
+def add_leaderboard_parser(commands: Commands) -> None:
+    text = "print the best candidates of a study"
+    leaderboard = commands.add_parser("leaderboard", help=text, description=text)
+    _stored_study_arguments(leaderboard)
+    leaderboard.add_argument("--top", type=int, default=10)
+    leaderboard.add_argument(
+        "--format",
+        default="table",
+        help="table (default), markdown, csv (the knob sets) or json (both tables, as numbers)",
+    )
+
+
+def add_export_parser(commands: Commands) -> None:
+    text = "write the best config (the Pareto set for several objectives)"
+    export = commands.add_parser("export", help=text, description=text)
+    _stored_study_arguments(export)
+    export.add_argument(
+        "--out", type=Path, default=None, help="folder for the configs (default <runs>/exports)"
+    )
+    export.add_argument(
+        "--prefer", action="store_true", help="the candidates a person preferred in `prefer`'s study"
+    )
+
+
+def add_ui_parser(commands: Commands) -> None:
     ui = commands.add_parser(
         "ui",
         help="MLflow's UI over a search's store, opened on a study's leaderboard",
@@ -225,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     ui.add_argument("--port", type=int, default=5000)
 
+
+def add_dashboard_parser(commands: Commands) -> None:
     dashboard = commands.add_parser(
         "dashboard",
         help="optuna-dashboard over a search's storage, with each trial's pictures, clip and sound",
@@ -235,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     _study_page_arguments(dashboard)
     dashboard_arguments(dashboard)
 
+
+def add_prefer_parser(commands: Commands) -> None:
     prefer = commands.add_parser(
         "prefer",
         help="a person steers: compare candidates in optuna-dashboard, a preferential GP proposes the next",
@@ -257,10 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from the top knob sets of the study's automatic search (same storage) instead of random",
     )
     dashboard_arguments(prefer)
-    prefer.add_argument("--device", default=None, help="auto, cpu or cuda (default: the study's)")
+    prefer.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     prefer.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard here")
     prefer.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def add_server_parser(commands: Commands) -> None:
     server = commands.add_parser(
         "server",
         help="start an MLflow tracking server for many workers (PostgreSQL backend, served artifacts)",
@@ -287,10 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Host headers the server accepts, comma-separated (MLflow's; needed when workers reach it "
         "by a cluster name, e.g. mlflow.cluster.local:5000)",
     )
-    return parser
 
 
-DEFAULT_SERVER_DB = "postgresql+psycopg://postgres@127.0.0.1:5432/mlflow"
+def _stored_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """A study a search stored (``leaderboard``, ``export``)."""
+    parser.add_argument("study", help="a study name, or its study file (studies/rotate.yaml)")
+    parser.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+    _add_runs_arguments(parser)
 
 
 def _study_page_arguments(parser: argparse.ArgumentParser) -> None:
@@ -333,323 +313,6 @@ def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
         help="MLflow store or server, e.g. http://mlflow-host:5000 (default $MLFLOW_TRACKING_URI, else "
         "sqlite:///<runs>/mlflow.db)",
     )
-
-
-def expand_render_folders(folders: Sequence[Path]) -> list[Path]:
-    """A folder without config.yaml but with render folders inside stands for those folders."""
-    expanded: list[Path] = []
-    for folder in folders:
-        inner = sorted(p.parent for p in folder.glob("*/config.yaml")) if folder.is_dir() else []
-        expanded.extend(inner if inner and not (folder / "config.yaml").exists() else [folder])
-    return expanded
-
-
-def study_name_of(study: str, models: str | None) -> str:
-    """A study file or name -> the Optuna study name (tiny searches are kept apart as <name>-tiny)."""
-    name = study
-    if study.endswith((".yaml", ".yml")) or Path(study).is_file():
-        from sounding_anagrams.search.study import load_study
-
-        name = load_study(study).name
-    return f"{name}-tiny" if models == "tiny" and not name.endswith("-tiny") else name
-
-
-def study_with_overrides(args: argparse.Namespace) -> Any:
-    """The study file of ``search`` or ``prefer``, with ``--models`` and ``--device`` applied."""
-    from sounding_anagrams.search.study import load_study
-
-    study = load_study(args.study, tiny=args.models == "tiny")
-    if args.models not in (None, "tiny"):
-        study = dataclasses.replace(study, render=study.render.replace(**models_overrides(args.models)))
-    if args.device:
-        study = dataclasses.replace(study, render=study.render.replace(device=args.device))
-    return study
-
-
-def checked_search(args: argparse.Namespace) -> Any:
-    """The study of ``search`` with its overrides, once every argument is checked (before any work)."""
-    study = study_with_overrides(args)
-    if args.batch is not None:
-        from sounding_anagrams.search.study import check_batch
-
-        check_batch(args.batch, study.seeds_per_trial, field="--batch")
-    for flag, value, low in (
-        ("--trials", args.trials, 1),
-        ("--max-unet-batch", args.max_unet_batch, 2),
-    ):
-        if value is not None and value < low:
-            raise ConfigError(flag, value, f"must be at least {low}")
-    if args.minutes is not None and args.minutes <= 0:
-        raise ConfigError("--minutes", args.minutes, "must be positive")
-    if args.workers < 1:
-        raise ConfigError("--workers", args.workers, "must be at least 1 (worker processes on this machine)")
-    return study
-
-
-def run_search(args: argparse.Namespace) -> int:
-    tiny = args.models == "tiny"
-    study = checked_search(args)
-
-    from sounding_anagrams.evaluation.evaluate import Scorers
-    from sounding_anagrams.sampler.models import load_models_for
-    from sounding_anagrams.search.loop import SearchRunner, SearchSettings
-    from sounding_anagrams.search.report import leaderboard_text
-
-    quiet_libraries()
-    # The stores first: a bad --storage or an MLflow server that does not answer is said in seconds, not
-    # after minutes of loading real weights.
-    from sounding_anagrams.search.loop import check_stores
-
-    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
-    if args.artifact_store is not None:
-        from sounding_anagrams.search.media import open_artifact_store
-
-        open_artifact_store(args.artifact_store)
-    render_config = study.render
-    models = load_models_for(render_config)
-    scorers = Scorers.load(models="tiny" if tiny else None, device=str(models.device))
-    settings = SearchSettings(
-        runs_dir=args.runs,
-        storage=args.storage,
-        trials=args.trials,
-        minutes=args.minutes,
-        batch=args.batch,
-        progress=not args.quiet,
-        max_unet_batch=args.max_unet_batch,
-        tracking_uri=args.tracking_uri,
-        artifact_store=args.artifact_store,
-    )
-    runner = SearchRunner(study, models, scorers, settings, study_name=study_name_of(study.name, args.models))
-
-    # A plain `kill` (SIGTERM) is handled like Ctrl-C: in-flight trials are told FAIL, the MLflow run closed.
-    # Either also sets the runner's stop flag, which it checks at every denoising step: a KeyboardInterrupt
-    # raised inside library code that swallows it (seen on a loaded machine) still stops the search.
-    def stop(signum: int, frame: Any) -> None:
-        runner.stop_requested.set()
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    try:
-        summary = runner.run()
-    except KeyboardInterrupt:
-        print(
-            f"interrupted: finished trials are kept in {runner.storage}; run the same command to resume",
-            file=sys.stderr,
-        )
-        return 130
-    states = [o.state.name for o in summary.outcomes]
-    print(
-        f"\n{len(states)} trial(s) this run: "
-        + ", ".join(f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
-    )
-    print(leaderboard_text(runner.optuna_study, top=5))
-    print(
-        f"\nOptuna storage: {summary.storage}"
-        f"\nMLflow: {runner.tracker.tracking_uri} (make ui RUNS={args.runs})"
-        f"\nexport the best: sounding-anagrams export {args.study}{' --models tiny' if tiny else ''}"
-        f" --runs {args.runs}"
-    )
-    return 0
-
-
-def _open_study(args: argparse.Namespace) -> Any:
-    if args.storage is None and not (args.runs / "optuna.db").exists():
-        raise ConfigError(
-            "--runs", str(args.runs), "holds no optuna.db: run a search first or pass --runs/--storage"
-        )
-    from sounding_anagrams.search.report import load_study_from_storage
-    from sounding_anagrams.search.stores import default_storage
-
-    storage = args.storage or default_storage(args.runs)
-    name = study_name_of(args.study, args.models)
-    if getattr(args, "prefer", False) and not name.endswith("-prefer"):
-        name += "-prefer"
-    return load_study_from_storage(name, storage)
-
-
-def run_leaderboard(args: argparse.Namespace) -> int:
-    if args.top < 1:
-        raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
-    formats = ("table", "markdown", "csv", "json")
-    if args.format not in formats:
-        from sounding_anagrams.errors import unknown_name_message
-
-        raise ConfigError("--format", args.format, unknown_name_message("format", args.format, formats))
-    study = _open_study(args)
-    from sounding_anagrams.search.report import leaderboard_text
-
-    print(leaderboard_text(study, top=args.top, tracking_uri=args.tracking_uri, format=args.format))
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    study = _open_study(args)
-    from sounding_anagrams.search.prefer import export_preferred, is_preferential
-    from sounding_anagrams.search.report import export_best
-
-    out = args.out or args.runs / "exports"
-    if is_preferential(study):  # `prefer`'s study: the candidates the person preferred
-        written = export_preferred(study, out)
-    else:
-        written = export_best(study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri)
-    for path in written:
-        print(f"{path}    (sounding-anagrams render --config {path})")
-    return 0
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    missing = [str(folder) for folder in args.folders if not Path(folder).is_dir()]
-    if missing:  # said before the scorers load (seconds, or a download)
-        raise ConfigError(
-            "folders", missing[0], "not a folder: give render folders (with config.yaml) or folders of them"
-        )
-    from sounding_anagrams.evaluation.evaluate import Scorers, evaluate_folders, format_table
-
-    quiet_libraries()
-    scorers = Scorers.load(
-        models=args.models,
-        clip_model=args.clip_model,
-        clip_pretrained=args.clip_pretrained,
-        clap_model=args.clap_model,
-        protocol=args.protocol,
-        device=args.device,
-    )
-    results = evaluate_folders(expand_render_folders(args.folders), scorers)
-    print(format_table(results))
-    failed = [r for r in results if r.error]
-    for result in failed:
-        print(f"error: {result.error}", file=sys.stderr)
-    if failed and len(failed) == len(results):
-        return 2
-    return 1 if failed else 0
-
-
-def fresh_folder(base: Path) -> Path:
-    """``base``, or ``base-2``, ``base-3``, ... when it exists: default render folders never collide."""
-    folder, n = base, 2
-    while folder.exists():
-        folder, n = base.with_name(f"{base.name}-{n}"), n + 1
-    if folder != base:
-        print(f"{base} exists; rendering into {folder}", file=sys.stderr)
-    return folder
-
-
-def models_overrides(models: str | None) -> dict[str, str]:
-    """``--models`` -> image_model/audio_model fields."""
-    if models is None:
-        return {}
-    if models == TINY_MODELS:
-        return {"image_model": TINY_MODELS, "audio_model": TINY_MODELS}
-    if models == "default":
-        return {"image_model": SD15_ID, "audio_model": AUFFUSION_ID}
-    folder = Path(models)
-    if folder.is_dir() and (folder / "image").is_dir() and (folder / "audio").is_dir():
-        return {"image_model": str(folder / "image"), "audio_model": str(folder / "audio")}
-    # Another hub id ("owner/name") or pipeline folder is the image model; --audio-model sets the audio one.
-    if folder.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", models):
-        return {"image_model": models}
-    raise ConfigError(
-        "--models",
-        models,
-        "must be 'tiny', 'default', a folder holding image/ and audio/ pipeline folders, or a hub id or "
-        "pipeline folder for the image model (the audio model then comes from --audio-model)",
-    )
-
-
-def render_config_from_args(args: argparse.Namespace) -> RenderConfig:
-    from sounding_anagrams.config import RenderConfig
-
-    base = RenderConfig.from_yaml(args.config) if args.config else RenderConfig()
-    overrides: dict[str, Any] = {
-        dest: getattr(args, dest) for dest, _ in _RENDER_FLAGS.values() if hasattr(args, dest)
-    }
-    if hasattr(args, "audio_prompt"):
-        if "audio_prompts" in overrides:
-            raise ConfigError(
-                "--audio-prompt", args.audio_prompt, "give --audio-prompt or --audio-prompts, not both"
-            )
-        overrides["audio_prompts"] = [args.audio_prompt]
-    overrides.update(models_overrides(args.models))
-    return base.replace(**overrides) if overrides else base
-
-
-def quiet_libraries() -> None:
-    """Our own progress bar is the one to watch: hide the libraries' per-file loading bars and notices."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.disable_progress_bar()
-        library.set_verbosity_error()
-    # MLflow logs its store's errors with their tracebacks before raising them; we say them in one line.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-
-
-def run_render(args: argparse.Namespace) -> int:
-    config = render_config_from_args(args)
-    if args.num_seeds < 1:
-        raise ConfigError("--num-seeds", args.num_seeds, "must be at least 1")
-    if args.max_unet_batch is not None and args.max_unet_batch < 2:
-        raise ConfigError("--max-unet-batch", args.max_unet_batch, "must be at least 2 (one CFG pair)")
-    if config.seed + args.num_seeds > 2**63:
-        raise ConfigError(
-            "--num-seeds",
-            args.num_seeds,
-            f"renders seeds {config.seed}..{config.seed + args.num_seeds - 1}, but seeds must be below 2**63",
-        )
-    configs = [config.replace(seed=config.seed + k) for k in range(args.num_seeds)]
-    out = args.out or fresh_folder(
-        Path("renders") / f"{'-'.join(v.split('(')[0] for v in config.views)}-seed{config.seed}"
-    )
-    folders = [out] if len(configs) == 1 else [out / f"seed{c.seed}" for c in configs]
-    if out.exists() and not out.is_dir():
-        raise ConfigError("--out", str(out), "is a file; give a folder for the render")
-    finished = [folder for folder in folders if (folder / "config.yaml").exists()]
-    if finished:
-        raise ConfigError(
-            "--out",
-            str(out),
-            f"holds a finished render ({finished[0] / 'config.yaml'}); a render is never written over: give "
-            "another --out, or remove that folder first",
-        )
-
-    # Imported here so that `--help` and input errors answer at once, before diffusers loads.
-    from sounding_anagrams.render import render
-    from sounding_anagrams.sampler.models import load_models_for
-
-    quiet_libraries()
-
-    started = time.perf_counter()
-    models = load_models_for(config)
-    print(
-        f"models loaded on {models.device} ({str(models.dtype).removeprefix('torch.')}) "
-        f"in {time.perf_counter() - started:.1f}s",
-        file=sys.stderr,
-    )
-    started = time.perf_counter()
-    results = render(
-        configs, models, folders, progress=not args.quiet, max_unet_batch=args.max_unet_batch
-    ).results
-    print(f"rendered {len(results)} candidate(s) in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-    failed = 0
-    for result in results:
-        if result.failure:
-            failed += 1
-            print(f"seed {result.config.seed}: FAILED: {result.failure}")
-            continue
-        print(f"seed {result.config.seed}: {result.folder}")
-        for name, path in result.files.items():
-            print(f"  {name:12s} {path}")
-    if any(r.write_error is not None and is_disk_full(r.write_error) for r in results):
-        print(
-            "error: the disk is full: the renders listed above as FAILED were not written (nothing "
-            "half-written is left); free some space and render them again",
-            file=sys.stderr,
-        )
-        return DiskFullError.exit_code
-    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,22 +13,19 @@ from typing import Annotated, Any, ClassVar, Literal, get_args
 import yaml
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
+from sounding_anagrams.devices import DEVICE_CHOICES, DEVICE_PATTERN
 from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.files import read_yaml_mapping
 from sounding_anagrams.hub import AUFFUSION_ID, SD15_ID, TINY_MODELS
-from sounding_anagrams.sampler.views import (
-    View,
-    check_view_weights,
-    default_view_weights,
-    parse_view,
-)
-from sounding_anagrams.validation import NULL_IS_DEFAULT, StrictModel
+from sounding_anagrams.validation import NULL_IS_DEFAULT, Rule, StrictModel
+from sounding_anagrams.viewspec import ViewSpec, check_view_weights, default_view_weights, parse_view_spec
 
 Scheduler = Literal["ddim", "dpmsolver++"]
 Vocoder = Literal["hifigan", "griffin_lim"]
-Device = Literal["auto", "cpu", "cuda"]
+# Any name on any machine (a config is written on one and run on another); the loader checks the machine.
+Device = Annotated[str, Field(pattern=DEVICE_PATTERN), Rule(f"unknown device; {DEVICE_CHOICES}")]
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
-SCHEDULERS, VOCODERS, DEVICES, DTYPES = (get_args(kind) for kind in (Scheduler, Vocoder, Device, Dtype))
+SCHEDULERS, VOCODERS, DTYPES = (get_args(kind) for kind in (Scheduler, Vocoder, Dtype))
 # The default warm start of the image model, in percent of the schedule (docs/METHOD.md §1).
 DEFAULT_IMAGE_START_PERCENT = 5
 
@@ -123,7 +120,10 @@ class RenderConfig(StrictModel):
         description='A hub id, a local folder, or "tiny" (small random models built offline).',
     )
     audio_model: str = Field(default=AUFFUSION_ID, description='A hub id, a local folder, or "tiny".')
-    device: Device = "auto"
+    device: Device = Field(
+        default="auto",
+        description="auto (CUDA where present, else the CPU), cpu, cuda or cuda:N (N: a CUDA device index).",
+    )
     dtype: Dtype = "auto"
 
     SHARED_FIELDS: ClassVar[tuple[str, ...]] = (
@@ -148,7 +148,7 @@ class RenderConfig(StrictModel):
         # Canonical specs, with their parameters, so that the exported config re-renders the exact views.
         if not views:
             raise ConfigError("views", list(views), "give at least one view, e.g. [identity, flip]")
-        return tuple(parse_view(spec).spec for spec in views)
+        return tuple(parse_view_spec(spec).spec for spec in views)
 
     @field_validator("image_model", "audio_model")
     @classmethod
@@ -159,7 +159,7 @@ class RenderConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_together(self) -> RenderConfig:
-        for view in self.parsed_views():
+        for view in self.view_specs():
             view.check_canvas(self.height // 8, self.width // 8)
         self._check_prompts()
         self._check_weights()
@@ -187,12 +187,12 @@ class RenderConfig(StrictModel):
 
     def _check_weights(self) -> None:
         # Unset weights become the views' defaults here: the config is frozen once validated.
-        views = self.parsed_views()
+        views = self.view_specs()
         if self.view_weights is None:
             object.__setattr__(self, "view_weights", default_view_weights(views))
         assert self.view_weights is not None
         check_view_weights(views, self.view_weights, field="view_weights")
-        audio_views = self.parsed_audio_views()
+        audio_views = self.audio_view_specs()
         if self.audio_view_weights is None:
             object.__setattr__(self, "audio_view_weights", default_view_weights(audio_views))
         assert self.audio_view_weights is not None
@@ -223,14 +223,15 @@ class RenderConfig(StrictModel):
 
     # -- derived values ------------------------------------------------------------------------------
 
-    def parsed_views(self) -> list[View]:
-        return [parse_view(spec) for spec in self.views]
+    def view_specs(self) -> tuple[ViewSpec, ...]:
+        """The views' specs (no torch); ``sampler.views.build_views`` makes the views of them."""
+        return tuple(parse_view_spec(spec) for spec in self.views)
 
-    def parsed_audio_views(self) -> list[View]:
+    def audio_view_specs(self) -> tuple[ViewSpec, ...]:
         """The view each audio prompt is heard through: the canvas itself for a single prompt."""
         if len(self.audio_prompts) == 1:
-            return [parse_view("identity")]
-        return self.parsed_views()
+            return (parse_view_spec("identity"),)
+        return self.view_specs()
 
     @property
     def image_start(self) -> int:
@@ -275,7 +276,7 @@ class RenderConfig(StrictModel):
         views, audio_prompts = changes.get("views"), changes.get("audio_prompts")
         views_changed = (
             isinstance(views, (list, tuple))
-            and tuple(parse_view(str(spec)).spec for spec in views) != self.views
+            and tuple(parse_view_spec(str(spec)).spec for spec in views) != self.views
         )
         audio_count_changed = isinstance(audio_prompts, (list, tuple)) and len(audio_prompts) != len(
             self.audio_prompts

@@ -3,11 +3,14 @@
 A study file, a ``config.yaml`` given to ``render --config`` or found by ``evaluate``, and a PNG of a render
 folder may be missing, a folder, empty, binary, cut short or not what they claim. The readers here turn each
 of those into a :class:`ConfigError` (``<field>='<path>': <what is wrong>``), never a traceback.
+
+Also what the loaders and the search share about paths: whether a model name is a folder, a folder's size.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -71,3 +74,31 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name is a folder rather than a hub id (``owner/name``): an existing path, a leading
+    '/', '.' or '~', more than one slash, or a backslash."""
+    return (
+        Path(name).expanduser().exists()
+        or name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or "\\" in name
+    )
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the regular files under ``folder``.
+
+    Links count nothing (MLflow links a trial's folder; following it would count the files twice), and a file
+    removed while the folder is walked (another worker cleaning up) is left out rather than raising.
+    """
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode):
+            total += info.st_size
+    return total

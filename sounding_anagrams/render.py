@@ -40,7 +40,8 @@ from sounding_anagrams.files import CLIP_FILE
 from sounding_anagrams.sampler.audio import MelConfig, griffin_lim, image_to_log_mel, read_wav, write_wav
 from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
 from sounding_anagrams.sampler.pipeline import JointSampler, SamplerOutput, StepCallback
-from sounding_anagrams.sampler.vocoder import vocode
+from sounding_anagrams.sampler.views import build_views
+from sounding_anagrams.sampler.vocoder import HiFiGANGenerator, vocode
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ WRITER_THREADS = max(1, min(4, os.cpu_count() or 1))
 # zlib level 1: a third less encoding time than the default 6 for files about 7% larger (a search writes
 # three PNGs for every candidate, most of which nobody opens; docs/PERFORMANCE.md).
 PNG_COMPRESS_LEVEL = 1
+# Candidates per call of each VAE and of the vocoder when decoding: fewer, larger device calls; GPU memory
+# grows with it (a chunk that runs out of memory is decoded again one candidate at a time).
+DECODE_BATCH = 4
 BACKGROUND_NICENESS = 10  # of threads that only encode files: the sampler and the previews come first
 
 
@@ -63,11 +67,22 @@ def lower_this_thread_priority() -> None:
 
 @dataclass
 class Decoded:
-    """One candidate decoded: pictures in [0, 1] ``(3, H, W)`` per view, the heard canvas, and its sounds."""
+    """One candidate decoded: pictures in [0, 1] ``(3, H, W)`` per view, the heard canvas, and its sounds.
+
+    ``pictures``, ``spectrogram`` and ``waves`` are on the host: what the files hold. ``device_pictures``,
+    when asked for and the decoding device is not the CPU, are the same pictures where they were decoded:
+    the judges score those, with no trip to the host and back.
+    """
 
     pictures: list[torch.Tensor]
     spectrogram: torch.Tensor  # (H, W - crop_right) in [0, 1]
     waves: list[np.ndarray]  # one per audio prompt, float32 in [-1, 1]
+    device_pictures: list[torch.Tensor] | None = None
+
+    @property
+    def judged_pictures(self) -> list[torch.Tensor]:
+        """What the judges score: the pictures on the device where kept, else the host's (same values)."""
+        return self.pictures if self.device_pictures is None else self.device_pictures
 
     def non_finite(self) -> str | None:
         """What came out NaN or infinite (the VAE can overflow on a finite latent), else None."""
@@ -102,30 +117,55 @@ class RenderBatch:
 
 @torch.no_grad()
 def decode_latents(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
-    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` pixels in [-1, 1] with that model's own VAE."""
+    """``(B, 4, h, w)`` latents -> ``(B, 3, 8h, 8w)`` float32 pixels in [-1, 1] with that model's own VAE, on
+    the VAE's device."""
     vae = model.vae
     z = latents.to(vae.device, vae.dtype) / vae.config.scaling_factor
-    return vae.decode(z).sample.float().clamp(-1, 1).cpu()
+    return vae.decode(z).sample.float().clamp(-1, 1)
 
 
 def to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels + 1) / 2).clamp(0, 1)
 
 
-def spectrogram_to_wave(spectrogram: torch.Tensor, config: RenderConfig, models: ModelBundle) -> np.ndarray:
-    """``(H, W)`` canvas in [0, 1] -> waveform ``(W * hop,)``, by the HiFi-GAN vocoder or Griffin-Lim."""
+def to_host(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Device tensors -> float32 copies on the CPU, in one copy (flattened into one buffer, cut up again on
+    the host) instead of one wait per tensor. CPU tensors are handed back as they are."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.float() for t in tensors]
+    return cut(torch.cat([t.reshape(-1).float() for t in tensors]).cpu(), tensors)
+
+
+def cut(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """A flat buffer -> views of it shaped like ``like``, one after the other."""
+    parts = flat.split([t.numel() for t in like])
+    return [part.view(t.shape) for part, t in zip(parts, like, strict=True)]
+
+
+def _log_mel(spectrogram: torch.Tensor, models: ModelBundle) -> torch.Tensor:
+    """``(H, W)`` canvas in [0, 1] -> ``(1, n_mels, W)`` log-mel, rows resampled to the vocoder's mel bins."""
     log_mel = image_to_log_mel(spectrogram[None], MEL)  # (1, H, W), row 0 of the image = highest bin
     n_mels = models.vocoder.config.num_mels if models.vocoder is not None else MEL.n_mels
     if log_mel.shape[1] != n_mels:
         # A non-256-pixel-high canvas: resample its rows to the vocoder's mel bins.
         logger.warning("canvas height %d resampled to %d mel bins for the sound", log_mel.shape[1], n_mels)
         log_mel = F.interpolate(log_mel[:, None], size=(n_mels, log_mel.shape[-1]), mode="bilinear")[:, 0]
+    return log_mel
+
+
+def _vocoder(models: ModelBundle) -> HiFiGANGenerator:
+    if models.vocoder is None:
+        raise ValueError("vocoder='hifigan' needs models loaded with_vocoder=True")
+    return models.vocoder
+
+
+def spectrogram_to_wave(spectrogram: torch.Tensor, config: RenderConfig, models: ModelBundle) -> np.ndarray:
+    """``(H, W)`` canvas in [0, 1] -> waveform ``(W * hop,)``, by the HiFi-GAN vocoder or Griffin-Lim."""
+    log_mel = _log_mel(spectrogram, models)
     if config.vocoder == "griffin_lim":
         wave = griffin_lim(log_mel, MEL, seed=config.seed)
     else:
-        if models.vocoder is None:
-            raise ValueError("vocoder='hifigan' needs models loaded with_vocoder=True")
-        wave = vocode(models.vocoder, log_mel.to(next(models.vocoder.parameters()).device))
+        wave = vocode(_vocoder(models), log_mel)
     return wave[0].float().cpu().numpy()
 
 
@@ -137,32 +177,75 @@ def decode_candidate(latent: torch.Tensor, config: RenderConfig, models: ModelBu
 
 @torch.no_grad()
 def decode_candidates(
-    latents: torch.Tensor, configs: Sequence[RenderConfig], models: ModelBundle, *, vae_batch: int = 1
+    latents: torch.Tensor,
+    configs: Sequence[RenderConfig],
+    models: ModelBundle,
+    *,
+    vae_batch: int = DECODE_BATCH,
+    keep_on_device: bool = False,
 ) -> list[Decoded]:
-    """Decode ``(N, 4, h, w)`` latents, ``vae_batch`` of them per VAE call (batched calls are faster on a GPU
-    but not bit-identical to single ones: the files of a render are decoded one by one, previews batched)."""
+    """Decode ``(N, 4, h, w)`` latents, ``vae_batch`` candidates per call of each VAE and of the vocoder; a
+    chunk's pictures and sounds come to the host in one copy. ``keep_on_device``: each also keeps its
+    pictures on the device, for the judges.
+
+    A chunk decoded together is not bit-identical to its candidates decoded alone: the VAE's kernels round
+    differently in a batch (fp32, CPU, tiny models, chunks of 3: pixels within 8e-5, so about 0.1% of the
+    8-bit values move by one level; the vocoder within 1e-7), as the sampler's batches already do for the
+    latents. One candidate per chunk is the one-at-a-time decoding to the bit (tests/test_decoding.py).
+    """
     if vae_batch < 1:
         raise ValueError(f"vae_batch must be at least 1, but got {vae_batch=}.")
-    chunks = [latents[i : i + vae_batch] for i in range(0, latents.shape[0], vae_batch)]
-    image = torch.cat([decode_latents(models.image, chunk) for chunk in chunks])  # (N, 3, H, W) in [-1, 1]
-    # Auffusion's VAE: the spectrogram that becomes sound.
-    audio = torch.cat([decode_latents(models.audio, chunk) for chunk in chunks])
-    return [_decoded(image[k : k + 1], audio[k : k + 1], config, models) for k, config in enumerate(configs)]
+    decoded: list[Decoded] = []
+    for start in range(0, latents.shape[0], vae_batch):
+        chunk = slice(start, start + vae_batch)
+        decoded += _decode_chunk(latents[chunk], configs[chunk], models, keep_on_device)
+    return decoded
 
 
-def _decoded(
-    pixels: torch.Tensor, canvas: torch.Tensor, config: RenderConfig, models: ModelBundle
-) -> Decoded:
-    """One candidate's decoded ``(1, 3, H, W)`` picture and canvas -> its pictures per view and sounds."""
-    pictures = [to_unit(view.view_pixels(pixels))[0] for view in config.parsed_views()]
-    # The dark strip sits at the right of the frame the audio model denoised, so crop after the view.
-    width = config.width - config.crop_right
-    spectrogram = to_unit(canvas)[0].mean(dim=0)[:, :width]  # (H, W - crop) grayscale
-    waves = [
-        spectrogram_to_wave(to_unit(view.view_pixels(canvas))[0].mean(dim=0)[:, :width], config, models)
-        for view in config.parsed_audio_views()
-    ]
-    return Decoded(pictures, spectrogram, waves)
+def _decode_chunk(
+    latents: torch.Tensor, configs: Sequence[RenderConfig], models: ModelBundle, keep_on_device: bool
+) -> list[Decoded]:
+    """``(k, 4, h, w)`` latents -> their Decoded: one call of each VAE, one vocoder call for all the chunk's
+    HiFi-GAN sounds of one length, one copy to the host."""
+    pixels = decode_latents(models.image, latents)  # (k, 3, H, W) in [-1, 1], on the device
+    canvas = decode_latents(models.audio, latents)  # Auffusion's VAE: the spectrogram that becomes sound
+    pictures, spectrograms, heard = [], [], []
+    for k, config in enumerate(configs):
+        views = build_views(config.view_specs())
+        pictures.append([to_unit(view.view_pixels(pixels[k : k + 1]))[0] for view in views])
+        # The dark strip sits at the right of the frame the audio model denoised, so crop after the view.
+        width = config.width - config.crop_right
+        spectrograms.append(to_unit(canvas[k : k + 1])[0].mean(dim=0)[:, :width])  # (H, W - crop) gray
+        heard.append(
+            [
+                to_unit(view.view_pixels(canvas[k : k + 1]))[0].mean(dim=0)[:, :width]
+                for view in build_views(config.audio_view_specs())
+            ]
+        )
+    # HiFi-GAN: the sounds of every candidate and audio view in one call per length (crop_right may differ).
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for k, config in enumerate(configs):
+        if config.vocoder == "hifigan":
+            for a, spectrogram in enumerate(heard[k]):
+                by_length.setdefault(spectrogram.shape[-1], []).append((k, a))
+    for members in by_length.values():
+        log_mels = torch.cat([_log_mel(heard[k][a], models) for k, a in members])  # (G, n_mels, W)
+        waves = vocode(_vocoder(models), log_mels, to_host=False)  # (G, W * hop)
+        for (k, a), wave in zip(members, waves, strict=True):
+            heard[k][a] = wave
+    # One copy to the host of what the files need; Griffin-Lim's spectrograms go too (it runs on the host).
+    parts = [t for k in range(len(configs)) for t in (*pictures[k], spectrograms[k], *heard[k])]
+    host = iter(to_host(parts))
+    decoded = []
+    for k, config in enumerate(configs):
+        host_pictures = [next(host) for _ in pictures[k]]
+        spectrogram = next(host)
+        sounds = [next(host) for _ in heard[k]]
+        if config.vocoder == "griffin_lim":  # seeded per candidate, on the CPU: as it always ran
+            sounds = [griffin_lim(_log_mel(s, models), MEL, seed=config.seed)[0] for s in sounds]
+        kept = pictures[k] if keep_on_device and pixels.device.type != "cpu" else None
+        decoded.append(Decoded(host_pictures, spectrogram, [s.float().numpy() for s in sounds], kept))
+    return decoded
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
@@ -185,7 +268,7 @@ def write_clip(
         sound = read_wav(folder / "audio0.wav")[0]
     seconds = 0.0 if sound is None else len(sound) / MEL.sample_rate
     try:
-        frames = transition_frames(config.parsed_views(), pictures, seconds=seconds)
+        frames = transition_frames(build_views(config.view_specs()), pictures, seconds=seconds)
         write_mp4(partial, frames, sound=sound, sample_rate=MEL.sample_rate)
         os.replace(partial, path)
     finally:
@@ -288,41 +371,43 @@ def decode_and_write(
     folders: Sequence[Path],
     *,
     with_clip: bool,
+    keep_on_device: bool = False,
 ) -> list[RenderResult]:
     """The sampler's latents -> decoded candidates written to their folders (one result per config).
 
-    Candidates are decoded one after the other (the device's work) while the ones already decoded are written
-    by a few threads (PNG and H.264 encoding release the GIL): a batch's files take a fraction of the time
-    they take in series, and the search's judge is done sooner. ``with_clip=False`` leaves the clip out: the
-    search makes it later, for complete trials only, off the sampler's path.
+    Candidates are decoded ``DECODE_BATCH`` at a time (the device's work) while the ones already decoded are
+    written by a few threads (PNG and H.264 encoding release the GIL): a batch's files take a fraction of the
+    time they take in series, and the search's judge is done sooner. ``with_clip=False`` leaves the clip out:
+    the search makes it later, for complete trials only, off the sampler's path. ``keep_on_device``: each
+    result's ``decoded`` keeps its pictures on the device too, for the judges.
     """
     results = [
         RenderResult(Path(folder), config, stopped=output.stopped[index], failure=output.failures.get(index))
         for index, (config, folder) in enumerate(zip(configs, folders, strict=True))
     ]
+    todo = [index for index, result in enumerate(results) if result.failure is None and not result.stopped]
     with ThreadPoolExecutor(
         WRITER_THREADS, thread_name_prefix="render-writer", initializer=lower_this_thread_priority
     ) as writers:
         writing: list[tuple[RenderResult, Future[None]]] = []
-        for index, result in enumerate(results):
-            if result.failure is not None or result.stopped:
-                continue
-            try:
-                decoded = decode_candidate(output.latents[index], result.config, models)
-                broken = decoded.non_finite()
-                if broken is not None:
-                    raise ValueError(f"the decoded {broken} are not finite")
-            except (RuntimeError, ValueError) as error:
-                result.failure = f"decoding failed: {error}"
-                continue
-            metadata = {
-                "seed": result.config.seed,
-                "device": str(models.device),
-                "dtype": str(models.dtype).removeprefix("torch."),
-                "steps_done": output.steps_done[index],
-                "torch": torch.__version__,
-            }
-            writing.append((result, writers.submit(_write_result, result, decoded, metadata, with_clip)))
+        for start in range(0, len(todo), DECODE_BATCH):
+            chunk = todo[start : start + DECODE_BATCH]
+            decoded_chunk = decode_or_say_why(
+                output.latents[chunk], [configs[index] for index in chunk], models, keep_on_device
+            )
+            for index, decoded in zip(chunk, decoded_chunk, strict=True):
+                result = results[index]
+                if isinstance(decoded, str):
+                    result.failure = decoded
+                    continue
+                metadata = {
+                    "seed": result.config.seed,
+                    "device": str(models.device),
+                    "dtype": str(models.dtype).removeprefix("torch."),
+                    "steps_done": output.steps_done[index],
+                    "torch": torch.__version__,
+                }
+                writing.append((result, writers.submit(_write_result, result, decoded, metadata, with_clip)))
         for result, job in writing:
             try:
                 job.result()
@@ -335,6 +420,37 @@ def decode_and_write(
         if result.failure:
             logger.warning("candidate %d (seed %d) failed: %s", index, result.config.seed, result.failure)
     return results
+
+
+def decode_or_say_why(
+    latents: torch.Tensor, configs: Sequence[RenderConfig], models: ModelBundle, keep_on_device: bool = False
+) -> list[Decoded | str]:
+    """``(k, 4, h, w)`` latents decoded in one chunk, each checked finite; a failed one is the reason,
+    ``"decoding failed: ..."``. A chunk that fails (out of memory, a decoder's error) is decoded again one
+    candidate at a time: only a candidate that fails alone fails."""
+    failed: str | None = None
+    try:
+        decoded = decode_candidates(
+            latents, configs, models, vae_batch=len(configs), keep_on_device=keep_on_device
+        )
+    except (RuntimeError, ValueError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+        failed = f"decoding failed: {error}"
+    if failed is not None:
+        if len(configs) == 1:
+            return [failed]
+        # Outside the except block: the failed chunk's tensors, held by its traceback, are free now.
+        torch.cuda.empty_cache()
+        logger.warning("%d candidates at once: %s; decoding them one by one", len(configs), failed)
+        return [
+            reason
+            for k in range(len(configs))
+            for reason in decode_or_say_why(latents[k : k + 1], configs[k : k + 1], models, keep_on_device)
+        ]
+    reasons = [d.non_finite() for d in decoded]
+    return [
+        d if r is None else f"decoding failed: the decoded {r} are not finite"
+        for d, r in zip(decoded, reasons, strict=True)
+    ]
 
 
 def _write_result(result: RenderResult, decoded: Decoded, metadata: dict[str, Any], with_clip: bool) -> None:

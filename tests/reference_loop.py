@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from sounding_anagrams.config import RenderConfig
+from sounding_anagrams.sampler.views import build_views
 
 
 def reference_loop(models, config: RenderConfig) -> torch.Tensor:
@@ -54,7 +55,7 @@ def reference_loop(models, config: RenderConfig) -> torch.Tensor:
             if i >= config.image_start:
                 image = guided_sum(
                     models.image,
-                    config.parsed_views(),
+                    build_views(config.view_specs()),
                     config.image_prompts,
                     config.view_weights,
                     config.image_negative_prompt,
@@ -65,7 +66,7 @@ def reference_loop(models, config: RenderConfig) -> torch.Tensor:
             if i >= config.audio_start_step:
                 audio = guided_sum(
                     models.audio,
-                    config.parsed_audio_views(),
+                    build_views(config.audio_view_specs()),
                     config.audio_prompts,
                     config.audio_view_weights,
                     config.audio_negative_prompt,

@@ -294,7 +294,7 @@ def test_wav_stereo_is_averaged(tmp_path: Path) -> None:
 
 
 def test_mel_filterbank_is_librosas_slaney_filterbank() -> None:
-    """Ours is hand-written (numpy, cached, moved to the device as a tensor); librosa is the reference."""
+    """Ours is transformers' (cached, moved to the device as a tensor); librosa is the reference."""
     import librosa
 
     cfg = MelConfig()

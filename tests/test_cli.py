@@ -338,8 +338,7 @@ def test_help_and_input_errors_answer_before_the_heavy_libraries_load(argv: list
         "except SystemExit as exit:\n"
         "    code = exit.code\n"
         "names = ('torch', 'diffusers', 'transformers', 'open_clip', 'mlflow')\n"
-        # A lazily imported module (views.py's torch) sits in sys.modules unloaded until first used.
-        "heavy = [m for m in names if type(sys.modules.get(m)).__name__ not in ('NoneType', '_LazyModule')]\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print('exit', code, 'heavy', heavy)\n"
     )
     done = subprocess.run(
@@ -350,3 +349,18 @@ def test_help_and_input_errors_answer_before_the_heavy_libraries_load(argv: list
     assert last == f"exit {expected_code} heavy []", (last, done.stderr[-2000:])
     if expected_code:
         assert done.stderr.startswith("error: "), done.stderr
+
+
+def test_render_on_a_cuda_device_this_machine_lacks_says_so_before_any_model_loads(
+    tmp_path: Path, capsys, monkeypatch
+):
+    import torch
+
+    import sounding_anagrams.sampler.models as models_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models_module, "load_models_for", lambda config: pytest.fail("models loaded"))
+    assert main(["render", "--models", "tiny", "--device", "cuda:1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device='cuda:1': no CUDA device is present on this machine; use 'cpu' or 'auto'\n"
+    assert not (tmp_path / "r").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -276,3 +278,44 @@ def test_unknown_names_and_batch_size():
         ClipScorer("ViT-B-61", device="cpu")
     with pytest.raises(ValueError, match=r"batch_size must be at least 1, but got batch_size=0\."):
         ClipScorer("tiny", batch_size=0)
+
+
+def test_tiny_clip_embeds_each_prompt_once_per_scorer_from_any_thread(monkeypatch: pytest.MonkeyPatch):
+    """The prompts' text embeddings are cached: a second scoring of the same prompts runs no text tower and
+    gives the same scores; a new prompt is embedded alone; two threads asking at once embed it once."""
+    scorer = ClipScorer("tiny", device="cpu")  # its own: a fresh cache
+    texts: list[int] = []
+    encode_text = scorer.model.encode_text
+
+    def counted(tokens, *args, **kwargs):
+        texts.append(len(tokens))
+        return encode_text(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(scorer.model, "encode_text", counted)
+    views = pictures(4, 2, width=512)
+    first = scorer.score_batch([views, views], PROMPTS)
+    second = scorer.score(views, PROMPTS)
+    assert texts == [2] and second == first[0]
+    scorer.score(views, [PROMPTS[1], "z"])
+    assert texts == [2, 1]  # only "z"
+    uncached = torch.cat([scorer.embed_texts([p]) for p in [*PROMPTS, "z"]])
+    torch.testing.assert_close(scorer.text_embeddings([*PROMPTS, "z"]), uncached, atol=1e-6, rtol=0)
+
+    barrier = threading.Barrier(2)
+
+    def score_new_prompts() -> dict[str, float]:
+        barrier.wait()
+        return scorer.score(views, ["u", "v"])
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [job.result() for job in [pool.submit(score_new_prompts) for _ in range(2)]]
+    assert results[0] == results[1]
+    assert texts == [2, 1, 1, 1, 1, 2]  # the 3 uncached embed_texts above, then "u" and "v" once
+
+
+def test_judges_take_any_cuda_device_and_say_when_it_is_missing(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^device='cuda:1': no CUDA device is present on this machine"):
+        ClipScorer("tiny", device="cuda:1")
+    with pytest.raises(ConfigError, match=r"^device='cuda:01': must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+        ClipScorer("tiny", device="cuda:01")

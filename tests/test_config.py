@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sounding_anagrams.config import RenderConfig, check_shared_fields
 from sounding_anagrams.errors import ConfigError
@@ -46,8 +47,8 @@ def test_hybrid_views_default_to_weight_one_each():
 def test_per_view_audio_prompts_get_their_own_weights():
     config = RenderConfig(audio_prompts=["bird chirping", "bell ringing"], audio_view_weights=[0.3, 0.7])
     assert config.audio_view_weights == (0.3, 0.7)
-    assert [v.name for v in config.parsed_audio_views()] == ["identity", "tile_rotate_cw"]
-    assert [v.name for v in RenderConfig().parsed_audio_views()] == ["identity"]
+    assert [v.name for v in config.audio_view_specs()] == ["identity", "tile_rotate_cw"]
+    assert [v.name for v in RenderConfig().audio_view_specs()] == ["identity"]
 
 
 @pytest.mark.parametrize(
@@ -91,6 +92,11 @@ def test_per_view_audio_prompts_get_their_own_weights():
         ({"crop_right": 1024}, r"crop_right=1024: must be in \[0, width\)"),
         ({"image_model": " "}, r"image_model=' ': give a hub id, a local folder or 'tiny'"),
         ({"device": "tpu"}, r"device='tpu': unknown device"),
+        (
+            {"device": "cuda:01"},
+            r"device='cuda:01': unknown device; must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        ),
+        ({"device": "gpu"}, r"device='gpu': unknown device"),
     ],
 )
 def test_bad_input_names_field_value_and_rule(changes, pattern):
@@ -162,3 +168,13 @@ def test_batch_must_share_fields():
     check_shared_fields([RenderConfig(seed=1), RenderConfig(seed=2, audio_weight=0.2)])
     with pytest.raises(ConfigError, match=r"height=512: candidate 1 differs"):
         check_shared_fields([RenderConfig(), RenderConfig(height=512)])
+
+
+def test_any_cuda_device_is_a_device_whatever_this_machine_has():
+    """A config names the device it runs on, written on one machine and run on another: the config takes
+    every CUDA index, the loader checks the machine (tests/test_models.py)."""
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:12"):
+        config = RenderConfig(device=name)
+        assert (
+            config.device == name and RenderConfig.from_dict(yaml.safe_load(config.to_yaml())).device == name
+        )

@@ -11,7 +11,9 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from sounding_anagrams.devices import resolve_device
 from sounding_anagrams.errors import ConfigError, ModelLoadError
+from sounding_anagrams.files import looks_like_path
 from sounding_anagrams.sampler.models import (
     ensure_tiny_models,
     load_diffusion_model,
@@ -107,6 +109,42 @@ def test_device_and_dtype_choices():
         resolve_dtype("float16", torch.device("cpu"))
 
 
+def test_device_names_allowed_and_refused(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    for bad in ("gpu", "cuda:", "cuda:-1", "cuda:01", "mps", "CPU", ""):
+        with pytest.raises(ConfigError, match=r"must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            resolve_device(bad)
+    with pytest.raises(ConfigError, match=r"^--device='tpu': must be"):
+        resolve_device("tpu", field="--device")
+    # No CUDA device: auto falls back to the CPU; naming CUDA is refused, saying so.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for cuda in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        with pytest.raises(
+            ConfigError, match=r"no CUDA device is present on this machine; use 'cpu' or 'auto'"
+        ):
+            resolve_device(cuda)
+    # Two CUDA devices: cuda:1 is one of them, cuda:2 is not.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(
+        ConfigError, match=r"device='cuda:2': this machine has 2 CUDA device\(s\), cuda:0 to cuda:1"
+    ):
+        resolve_device("cuda:2")
+
+
+def test_a_model_name_is_a_folder_or_a_hub_id(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for hub_id in ("owner/name", "tiny", "laion/clap-htsat-unfused"):
+        assert not looks_like_path(hub_id)
+    (tmp_path / "local").mkdir()
+    for folder in ("local", "./x", "../x", "/abs/x", "~/x", "a/b/c", "C:\\models\\sd"):
+        assert looks_like_path(folder), folder
+
+
 def _pipeline_copy(kind: str, target: Path) -> Path:
     """A copy of the tiny ``kind`` pipeline folder, to lay its weights out as a real repo does."""
     import shutil
@@ -166,3 +204,14 @@ def test_an_sd_style_folder_with_an_fp16_variant_loads_the_variant_in_fp16(tmp_p
     assert half.unet.state_dict()[first].dtype == torch.float16
     assert torch.equal(half.unet.state_dict()[first], (plain.state_dict()[first] * 0.5).half())
     assert torch.equal(full.unet.state_dict()[first], plain.state_dict()[first])
+
+
+def test_a_cuda_device_by_index_becomes_the_current_one(monkeypatch):
+    """Events and readbacks go to the current device's stream: with the models on cuda:1 it must be cuda:1."""
+    from sounding_anagrams.devices import make_current
+
+    made: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    for device in (torch.device("cpu"), torch.device("cuda"), torch.device("cuda", 1)):
+        make_current(device)
+    assert made == [torch.device("cuda", 1)]

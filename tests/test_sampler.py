@@ -6,11 +6,11 @@ from collections import defaultdict
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError
-from sounding_anagrams.sampler.pipeline import JointSampler
+from sounding_anagrams.sampler.pipeline import JointSampler, make_scheduler
 from tests.reference_loop import reference_loop
 
 TINY = {"image_model": "tiny", "audio_model": "tiny", "device": "cpu", "dtype": "float32"}
@@ -261,8 +261,8 @@ def test_a_non_finite_candidate_fails_at_its_step_and_leaves_the_others_alone(ti
 
 
 def test_dpm_solver_candidates_keep_their_own_history_in_one_batch(tiny_models):
-    """Multistep solvers are stepped per candidate from copies of one prototype: a candidate rendered next
-    to others gives what it gives alone, and a second call starts from fresh solver state."""
+    """A multistep solver keeps a history row per candidate: a candidate rendered next to others gives what
+    it gives alone, and a second call starts from fresh solver state."""
     configs = [
         tiny_config(seed=s, scheduler="dpmsolver++", num_inference_steps=4, image_start_step=0)
         for s in range(2)
@@ -273,3 +273,154 @@ def test_dpm_solver_candidates_keep_their_own_history_in_one_batch(tiny_models):
     # (Batch sizes change the CPU kernels' rounding a little; shared solver history would change everything.)
     torch.testing.assert_close(together, torch.stack(alone), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(sampler(configs, progress=False).latents, together, rtol=0, atol=0)
+
+
+def test_pred_x0_comes_from_ddims_step_and_from_the_epsilon_formula_for_dpm_solver(tiny_models):
+    """DDIM's step output carries the x0 it stepped with; DPM-Solver++'s carries none, so the sampler computes
+    it. Both are (z - sqrt(1 - a) eps) / sqrt(a) at the row's timestep."""
+    ddim = tiny_config(seed=1, num_inference_steps=2)
+    dpm = tiny_config(seed=2, num_inference_steps=2, scheduler="dpmsolver++")
+    plans = JointSampler(tiny_models).prepare_schedules([ddim, ddim, dpm])
+    gen = torch.Generator().manual_seed(0)
+    z, eps = (torch.randn(3, *ddim.latent_shape, generator=gen) for _ in range(2))
+    _, pred_x0 = JointSampler.scheduler_step(plans, 0, z, eps)
+
+    reference = DDIMScheduler.from_config(tiny_models.scheduler_config)
+    reference.set_timesteps(2)
+    ddim_out = reference.step(eps[:2], plans[0].timesteps[0], z[:2])
+    torch.testing.assert_close(pred_x0[:2], ddim_out.pred_original_sample, rtol=0, atol=0)
+    for row, plan in enumerate(plans):
+        a = plan.scheduler.alphas_cumprod[plan.timesteps[0]]
+        expected = (z[row] - (1 - a).sqrt() * eps[row]) / a.sqrt()
+        torch.testing.assert_close(pred_x0[row], expected, atol=1e-5, rtol=1e-5)
+
+
+# Measured with the per-candidate DPM-Solver++ path (one deep-copied scheduler per candidate, stepped alone),
+# torch 2.14 / diffusers 0.42, CPU fp32: candidates 0 and 2 of `dpm_batch`, candidate 1 pruned after step 2.
+EXPECTED_DPM_SLICES = {
+    0: [
+        -6.4655,
+        -7.3255,
+        -2.1253,
+        9.5366,
+        4.8284,
+        -2.2562,
+        2.5390,
+        -3.9902,
+        5.6203,
+        -7.7600,
+        -5.2140,
+        0.8724,
+    ],
+    2: [
+        -6.7784,
+        5.5559,
+        -8.1338,
+        -7.2412,
+        12.6350,
+        -3.9518,
+        7.0461,
+        6.2152,
+        -0.7219,
+        -16.3439,
+        -13.3089,
+        -9.6423,
+    ],
+}
+
+
+def dpm_batch() -> list[RenderConfig]:
+    """Three candidates of one DPM-Solver++ schedule and one of another (its own group)."""
+    configs = [tiny_config(seed=s, scheduler="dpmsolver++", num_inference_steps=5) for s in range(3)]
+    return [*configs, tiny_config(seed=9, scheduler="dpmsolver++")]
+
+
+def test_dpm_solver_candidates_of_one_schedule_step_together_as_they_stepped_alone(tiny_models, monkeypatch):
+    """One scheduler call per schedule and step (not one per candidate), no deep copy per batch, and the
+    latents the per-candidate path gave (seeded slices), also when a candidate leaves mid-way."""
+    import sounding_anagrams.sampler.pipeline as pipeline
+
+    def no_deepcopy(_):
+        raise AssertionError("a scheduler was deep-copied")
+
+    monkeypatch.setattr(pipeline.copy, "deepcopy", no_deepcopy)
+    sampler = JointSampler(tiny_models)
+    steps = []
+    original = DPMSolverMultistepScheduler.step
+
+    def counted(self, model_output, timestep, sample, **kwargs):
+        steps.append(len(sample))
+        return original(self, model_output, timestep, sample, **kwargs)
+
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "step", counted)
+    output = sampler(dpm_batch(), callback=lambda s: [1] if s.step == 2 else None, progress=False)
+    # Steps 0-2: 3 candidates of the 5-step schedule + 1 of the 3-step one; then 2 after the prune.
+    assert steps == [3, 1, 3, 1, 3, 1, 2, 2]
+    for index, expected in EXPECTED_DPM_SLICES.items():
+        got = output.latents[index, :, 0, :3].flatten()
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-3, rtol=1e-3)
+    again = sampler(dpm_batch(), callback=lambda s: [1] if s.step == 2 else None, progress=False)
+    assert torch.equal(again.latents, output.latents)  # each call starts from fresh solver state
+
+
+def test_a_group_step_equals_each_candidate_stepped_by_its_own_scheduler(tiny_models):
+    """The grouped DPM-Solver++ step against one scheduler per candidate, on the same inputs: equal to the
+    bit, also after a candidate leaves the group (its history rows are dropped)."""
+    configs = [tiny_config(seed=s, scheduler="dpmsolver++", num_inference_steps=6) for s in range(3)]
+    plans = JointSampler(tiny_models).prepare_schedules(configs)
+    own = [make_scheduler("dpmsolver++", tiny_models.scheduler_config, 6) for _ in configs]
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, *configs[0].latent_shape, generator=gen)
+    alone = z.clone()
+    active = [0, 1, 2]
+    for step in range(6):
+        if step == 3:
+            active = [0, 2]  # candidate 1 is pruned
+        eps = torch.randn(len(active), *configs[0].latent_shape, generator=gen)
+        rows = torch.tensor(active)
+        z_next, _ = JointSampler.scheduler_step([plans[c] for c in active], step, z[rows], eps)
+        z[rows] = z_next
+        for row, c in enumerate(active):
+            t = plans[c].timesteps[step]
+            alone[c] = own[c].step(eps[row : row + 1], t, alone[c : c + 1]).prev_sample[0]
+    assert torch.equal(z[[0, 2]], alone[[0, 2]])
+
+
+class OutOfMemoryOnce:
+    """Raises CUDA out of memory in the image UNet's forward for calls over ``limit`` samples, ``times``
+    times (a one-off peak), and records every call's batch size."""
+
+    def __init__(self, models, limit: int, times: int = 1):
+        self.limit, self.left, self.sizes = limit, times, []
+        self.handle = models.image.unet.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args):
+        self.sizes.append(len(args[0]))
+        if len(args[0]) > self.limit and self.left > 0:
+            self.left -= 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_out_of_memory_retries_the_call_smaller_then_grows_back(tiny_models, caplog):
+    configs = [tiny_config(seed=s, image_start_step=0, num_inference_steps=6) for s in range(2)]
+    whole = JointSampler(tiny_models)(configs, progress=False)
+    sampler = JointSampler(tiny_models, max_unet_batch=8)
+    sampler.grow_back_after = 3
+    with OutOfMemoryOnce(tiny_models, limit=4) as oom:
+        output = sampler(configs, progress=False)
+    # 2 candidates x 2 views x CFG = 8 samples per image call. The first call fails once at 8, is done again
+    # at 4 (two calls), and after 3 calls that fit (each model's call counts) the limit doubles back to 8.
+    assert oom.sizes[:3] == [8, 4, 4]
+    assert max(oom.sizes[3:]) == 8 and oom.sizes[-1] == 8
+    assert sampler.unet_chunk is None  # back to max_unet_batch's
+    torch.testing.assert_close(output.latents, whole.latents, atol=1e-5, rtol=1e-5)
+    assert "CUDA out of memory: UNet calls take at most 4 samples for the next 3 calls" in caplog.text
+    # It never grows past max_unet_batch, and out of memory at 2 samples is raised.
+    with OutOfMemoryOnce(tiny_models, limit=1, times=100), pytest.raises(torch.cuda.OutOfMemoryError):
+        JointSampler(tiny_models, max_unet_batch=4)(configs, progress=False)

@@ -33,9 +33,9 @@ from sounding_anagrams.cli import main
 from sounding_anagrams.search.stores import open_storage
 from sounding_anagrams.search.workers import is_cut_short
 from tests.processes import free_port, kill_mid_trial, served
+from tests.servers import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
-POSTGRES = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 BUDGET = 6  # knob sets; the tiny rotate study renders 2 seeds of each
 
 
@@ -50,14 +50,8 @@ def fresh_databases(*names: str) -> Iterator[list[str]]:
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    base = make_url(POSTGRES).set(drivername="postgresql+psycopg")
-    try:
-        engine = create_engine(base, isolation_level="AUTOCOMMIT")
-        engine.connect().close()
-    except Exception as error:
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {POSTGRES}: {error}")
+    base = make_url(postgres_url()).set(drivername="postgresql+psycopg")
+    engine = create_engine(base, isolation_level="AUTOCOMMIT")
     suffix = uuid.uuid4().hex[:10]
     databases = [f"sa_{name}_{suffix}" for name in names]  # made by the server and the first worker
     try:

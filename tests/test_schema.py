@@ -117,3 +117,13 @@ def test_the_schema_accepts_every_form_the_tool_accepts():
     assert properties["num_inference_steps"]["default"] == 100
     assert properties["scheduler"]["enum"] == ["ddim", "dpmsolver++"]
     assert "noise estimate" in properties["audio_weight"]["description"]
+
+
+def test_the_schema_takes_every_device_the_config_takes():
+    for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:1", "cuda:12"):
+        assert schema_errors(CONFIG_SCHEMA, {"device": name}) == [], name
+        assert RenderConfig(device=name).device == name
+    for name in ("gpu", "cuda:", "cuda:01", "cuda:-1", "CPU", "cuda:1 "):
+        assert schema_errors(CONFIG_SCHEMA, {"device": name}) == ["device"], name
+        with pytest.raises(ConfigError, match="unknown device"):
+            RenderConfig(device=name)

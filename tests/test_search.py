@@ -26,13 +26,15 @@ from sounding_anagrams.cli import main
 from sounding_anagrams.errors import ConfigError, DiskFullError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.pipeline import JointSampler
-from sounding_anagrams.search.loop import SearchRunner, SearchSettings
+from sounding_anagrams.search.loop import SearchRunner
+from sounding_anagrams.search.opening import SearchSettings
 from sounding_anagrams.search.report import seed_spread, single_renders
 from sounding_anagrams.search.study import load_study, parse_study, trial_seeds
 from sounding_anagrams.search.workers import ORPHANED
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 from tests.processes import kill_mid_trial
+from tests.servers import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +46,7 @@ def designed_scorers() -> Scorers:
 
 def runner_for(study_dict, tiny_models, scorers, runs: Path, **settings) -> SearchRunner:
     study = parse_study(study_dict, source="test-study.yaml", tiny=True)
-    return SearchRunner(
+    return SearchRunner.open(
         study, tiny_models, scorers, SearchSettings(runs_dir=runs, progress=False, **settings)
     )
 
@@ -206,13 +208,13 @@ def test_the_same_study_gives_the_same_trials_however_slow_the_host(
     """The sampler asks, and the pruner decides, knowing the same finished trials on every run: a judge thread
     that lags far behind the device (a busy host) changes no proposal, prune or value."""
     runner = runner_for(PRUNED_STUDY, tiny_models, designed_scorers, tmp_path)
-    judge = runner.judge_batch
+    judge = runner.judge.judge
 
     def lagging_judge(batch) -> None:
         time.sleep(3.0)
         judge(batch)
 
-    runner.judge_batch = lagging_judge  # type: ignore[method-assign]
+    runner.judge.judge = lagging_judge  # type: ignore[method-assign]
     runner.run()
     fast = trials_of(pruned_search[0])
     assert len(fast) == 8 and {t[1] for t in fast} >= {TrialState.COMPLETE, TrialState.PRUNED}
@@ -605,23 +607,9 @@ def _study(runs: Path) -> optuna.Study:
     return optuna.load_study(study_name="rotate-tiny", storage=f"sqlite:///{runs / 'optuna.db'}")
 
 
-def _postgres_url() -> str | None:
-    url = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        import sqlalchemy
-
-        with sqlalchemy.create_engine(url).connect():
-            return url
-    except Exception as error:  # no server: skip with the reason, except under CI where it must run
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {url}: {error}")
-    return None
-
-
 @pytest.mark.slow
 def test_search_on_postgresql_storage(tiny_models, designed_scorers, tmp_path: Path):
-    url = _postgres_url()
+    url = postgres_url()
     name = f"unit-pg-{os.getpid()}-{time.time_ns()}"
     runner = runner_for(
         {**STUDY, "name": name, "budget": {"trials": 2}}, tiny_models, designed_scorers, tmp_path, storage=url
@@ -665,7 +653,7 @@ def test_studies_of_one_name_on_two_storages_never_share_render_folders(
     assert first.render_root == again.render_root == tmp_path / "renders" / "unit"
     assert other.render_root != first.render_root and other.render_root.name.startswith("unit-")
     assert (other.render_root / ".study").read_text().strip() == other.optuna_study.user_attrs["uid"]
-    assert other.trial_folder(0) != first.trial_folder(0)
+    assert other.opened.trial_folder(0) != first.opened.trial_folder(0)
 
 
 def test_the_stores_are_checked_before_any_model_loads(tmp_path: Path, capsys, monkeypatch):
@@ -745,7 +733,7 @@ def test_a_batch_the_disk_has_no_room_for_is_not_started(
 ):
     import shutil
 
-    import sounding_anagrams.search.loop as loop_module
+    import sounding_anagrams.search.asking as asking_module
 
     runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
     written = runner.render_root / "trial-0000" / "seed-0"  # as if a trial had been written before
@@ -753,8 +741,8 @@ def test_a_batch_the_disk_has_no_room_for_is_not_started(
     (written / "view0.png").write_bytes(b"\0" * 3_000_000)
     per_trial = 3_000_000
     usage = shutil.disk_usage(tmp_path)
-    almost_full = type(usage)(usage.total, usage.used, loop_module.ROOM_FOR_STORES + per_trial)
-    monkeypatch.setattr(loop_module.shutil, "disk_usage", lambda path: almost_full)
+    almost_full = type(usage)(usage.total, usage.used, asking_module.ROOM_FOR_STORES + per_trial)
+    monkeypatch.setattr(asking_module.shutil, "disk_usage", lambda path: almost_full)
     needs = r"the next batch of 2 trial\(s\) and the 0 in flight need about 22 MiB \(2.9 MiB a trial, as"
     with pytest.raises(DiskFullError, match=rf"only \d+ MiB are free under .*{needs}"):
         runner.run()
@@ -789,7 +777,8 @@ def test_a_search_on_a_real_full_disk_stops_with_exit_4_and_resumes_once_there_i
         judged = [t for t in kept if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert 1 <= len(judged) < 4
         # Any other trial was cut short by the full disk (judged nothing, done again later).
-        assert all(t.user_attrs["fail_reason"].startswith("disk full") for t in kept if t not in judged)
+        reasons = [t.user_attrs.get("fail_reason", "") for t in kept if t not in judged]
+        assert all(reason.startswith("disk full") for reason in reasons), reasons
         complete = [t for t in judged if t.state == TrialState.COMPLETE]  # the first two are never pruned
         folders = {p: p.read_bytes() for p in Path(complete[0].user_attrs["trial_folder"]).rglob("*.png")}
         assert folders
@@ -804,7 +793,8 @@ def test_a_search_on_a_real_full_disk_stops_with_exit_4_and_resumes_once_there_i
         client, _ = mlflow_trial_runs(runs, "rotate-tiny")
         experiment = client.get_experiment_by_name("rotate-tiny")
         everything = client.search_runs([experiment.experiment_id])
-        assert all(r.info.status != "RUNNING" for r in everything)  # nothing of the first run looks alive
+        running = [(r.info.run_name, r.data.tags) for r in everything if r.info.status == "RUNNING"]
+        assert not running, running  # nothing of the first run looks alive
     finally:
         subprocess.run(["umount", "-l", str(runs)], capture_output=True)
 
@@ -841,10 +831,11 @@ def test_a_writer_error_fails_that_trial_with_its_reason_and_the_search_goes_on(
 def test_told_trials_a_stopped_search_did_not_publish_are_completed_at_the_next_start(
     tiny_models, designed_scorers, tmp_path: Path, monkeypatch
 ):
-    import sounding_anagrams.search.loop as loop_module
+    import sounding_anagrams.search.lifecycle as lifecycle_module
+    from sounding_anagrams.search.publishing import Publisher
 
     # The search is stopped between telling Optuna and making the clips, cards and MLflow runs.
-    monkeypatch.setattr(SearchRunner, "publish_batch", lambda self, batch: None)
+    monkeypatch.setattr(Publisher, "publish", lambda self, batch: None)
     first = runner_for({**STUDY, "budget": {"trials": 2}}, tiny_models, designed_scorers, tmp_path)
     first.run()
     told = first.optuna_study.get_trials(states=(TrialState.COMPLETE,))
@@ -852,7 +843,7 @@ def test_told_trials_a_stopped_search_did_not_publish_are_completed_at_the_next_
     assert not list(tmp_path.glob("renders/unit/trial-*/card.html"))
     monkeypatch.undo()
     # Its process is gone (here: said to be), so the next start completes what it left.
-    monkeypatch.setattr(loop_module, "worker_is_dead", lambda worker: True)
+    monkeypatch.setattr(lifecycle_module, "worker_is_dead", lambda worker: True)
     second = runner_for({**STUDY, "budget": {"trials": 2}}, tiny_models, designed_scorers, tmp_path)
     second.run()
     _client, runs = mlflow_trial_runs(tmp_path, "unit")
@@ -864,3 +855,39 @@ def test_told_trials_a_stopped_search_did_not_publish_are_completed_at_the_next_
         assert (folder / "card.html").exists()
         best = folder / f"seed-{trial.user_attrs['best_seed']}"
         assert (best / "transition.mp4").stat().st_size > 1000  # made again from the pictures
+
+
+@pytest.mark.slow
+def test_out_of_memory_in_a_preview_costs_that_preview_only(
+    tiny_models, designed_scorers, tmp_path: Path, monkeypatch, caplog
+):
+    """The first batch's previews run out of memory: its two trials go on unpruned and complete with no
+    intermediate value; the batch, and the next one with its previews, are judged as usual."""
+    import torch
+
+    import sounding_anagrams.search.sampling as sampling_module
+
+    decode = sampling_module.decode_candidates
+    calls: list[int] = []
+
+    def short_of_memory(latents, *args, **kwargs):
+        calls.append(len(latents))
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return decode(latents, *args, **kwargs)
+
+    monkeypatch.setattr(sampling_module, "decode_candidates", short_of_memory)
+    study = {**STUDY, "previews": [0.5], "pruner": {"type": "median", "n_startup_trials": 1}}
+    runner = runner_for(study, tiny_models, designed_scorers, tmp_path)
+    runner.run()
+    trials = runner.optuna_study.get_trials()
+    assert calls == [4, 4]  # each batch's 2 trials x 2 seeds, in one preview call
+    assert [t.state for t in trials[:2]] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.intermediate_values for t in trials[:2]] == [{}, {}]
+    assert all(t.intermediate_values.keys() == {50} for t in trials[2:]), [
+        t.intermediate_values for t in trials
+    ]
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials[2:])
+    assert (
+        "out of memory scoring the x0 previews of 2 trial(s); they go on without this preview" in caplog.text
+    )

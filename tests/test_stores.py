@@ -10,8 +10,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
+
+from sounding_anagrams.search.stores import open_storage, trial_id_of
+from tests.servers import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
 OPENERS = 6
@@ -66,19 +70,8 @@ def test_openers_started_together_share_a_fresh_sqlite_storage(tmp_path: Path):
         assert connection.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar() == 1
 
 
-def postgres_admin_url() -> str:
-    url = os.environ.get("SOUNDING_ANAGRAMS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-    try:
-        with sqlalchemy.create_engine(url).connect():
-            return url
-    except Exception as error:  # no server: skip with the reason, except under CI where it must run
-        if os.environ.get("CI") == "true":
-            raise
-        pytest.skip(f"no PostgreSQL at {url}: {error}")
-
-
 def test_openers_started_together_share_a_fresh_postgresql_storage(tmp_path: Path):
-    admin = sqlalchemy.make_url(postgres_admin_url())
+    admin = sqlalchemy.make_url(postgres_url())
     name = f"sa_fresh_{os.getpid()}_{time.time_ns()}"
     engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
@@ -94,3 +87,18 @@ def test_openers_started_together_share_a_fresh_postgresql_storage(tmp_path: Pat
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
+
+
+def test_trial_id_of_finds_a_trial_by_its_study_and_number(tmp_path: Path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=False)
+    first = optuna.create_study(storage=storage, study_name="first")
+    first.ask()
+    first.ask()
+    second = optuna.create_study(storage=storage, study_name="second")
+    trial = second.ask()  # number 0 of its study, the third trial of the storage
+    trial_id = trial_id_of(storage, "second", trial.number)
+    assert storage.get_trial(trial_id).number == 0 and trial_id != 0
+    storage.set_trial_user_attr(trial_id, "seen", True)  # what the storage's per-trial methods take
+    assert second.get_trials()[0].user_attrs == {"seen": True}
+    with pytest.raises(KeyError):
+        trial_id_of(storage, "second", 1)

@@ -221,13 +221,14 @@ def test_shipped_configs_and_studies_follow_the_seeds_own_settings():
     import torch
 
     from sounding_anagrams.config import RenderConfig
+    from sounding_anagrams.sampler.views import build_views
 
     # Patch permute: the seed draws its 4x16 permutation with torch's generator seeded 42.
     permute = RenderConfig.from_yaml(REPO / "configs" / "permute.yaml")
     study = load_study(REPO / "studies" / "permute.yaml")
     assert permute.views[1] == study.render.views[1] == "patch_permute(patch=8,seed=42)"
     expected = torch.randperm(64, generator=torch.Generator().manual_seed(42))
-    assert torch.equal(permute.parsed_views()[1].permutation(32, 128), expected)  # type: ignore[attr-defined]
+    assert torch.equal(build_views(permute.view_specs())[1].permutation(32, 128), expected)  # type: ignore[attr-defined]
     assert permute.view_weights == (0.4, 0.6) and permute.audio_weight == 0.4
     # Gaussian hybrid: the image model starts at step 10 of 100 (the seed's example).
     hybrid = RenderConfig.from_yaml(REPO / "configs" / "hybrid.yaml")

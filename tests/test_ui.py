@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 from tests.processes import free_port, served
+from tests.servers import missing
 from tests.test_search import runner_for
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -34,9 +35,7 @@ def screenshots(tmp_path: Path) -> Path:
 @pytest.fixture
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"no chromium at {CHROMIUM}: `make browser` installs it")
-        pytest.skip(f"no chromium at {CHROMIUM} (make browser installs it)")
+        missing(f"no chromium at {CHROMIUM} (`make browser` installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -4,6 +4,8 @@ animations, spec strings, weight rules and error messages. CPU only, fast."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,12 +18,16 @@ from sounding_anagrams.sampler.views import (
     VIEW_REGISTRY,
     View,
     available_views,
+    build_views,
     check_view_weights,
     default_view_weights,
     gaussian_blur,
     parse_view,
+    parse_view_spec,
     register_view,
 )
+from sounding_anagrams.sampler.views.hybrids import _HybridView
+from sounding_anagrams.viewspec import VIEW_ENTRIES, ViewEntry
 
 CANVASES = [(32, 128), (32, 32), (64, 64)]
 CANVAS_IDS = [f"{h}x{w}" for h, w in CANVASES]
@@ -437,6 +443,8 @@ def test_unknown_view_suggests_a_name() -> None:
 def test_bad_specs(spec: str, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         parse_view(spec)
+    with pytest.raises(ConfigError, match=pattern):
+        parse_view_spec(spec)
 
 
 def test_quarter_turn_on_a_wide_canvas_points_to_tile_rotation() -> None:
@@ -527,8 +535,7 @@ def test_weight_errors_name_the_given_field() -> None:
 
 def test_register_view_rejects_a_taken_name() -> None:
     class Another(View):
-        name = "flip"
-        kind = PERMUTATION
+        entry = VIEW_ENTRIES["flip"]
 
         def view(self, x: torch.Tensor) -> torch.Tensor:
             return x.flip(-2)
@@ -536,9 +543,70 @@ def test_register_view_rejects_a_taken_name() -> None:
         def inverse_view(self, x: torch.Tensor) -> torch.Tensor:
             return x.flip(-2)
 
-        def view_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        def view_pixels(self, pixels: torch.Tensor, *, cell: int = 8) -> torch.Tensor:
             return pixels.flip(-2)
 
     with pytest.raises(TypeError, match="already registered"):
         register_view(Another)
     assert VIEW_REGISTRY["flip"] is not Another
+    assert Another.name == "flip" and Another.kind == PERMUTATION
+
+
+def test_register_view_needs_an_entry_of_the_spec() -> None:
+    class Unspecified(View):
+        entry = ViewEntry("unspecified", PERMUTATION)
+
+        def view(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        def inverse_view(self, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        def view_pixels(self, pixels: torch.Tensor, *, cell: int = 8) -> torch.Tensor:
+            return pixels.clone()
+
+    with pytest.raises(TypeError, match=r"must be an entry of sounding_anagrams\.viewspec"):
+        register_view(Unspecified)
+    assert "unspecified" not in VIEW_REGISTRY
+
+
+def test_every_spec_has_exactly_one_implementation() -> None:
+    """The spec (names, kinds, parameters) and the implementations cannot drift apart."""
+    assert set(VIEW_REGISTRY) == set(VIEW_ENTRIES)
+    for name, cls in VIEW_REGISTRY.items():
+        assert cls.entry is VIEW_ENTRIES[name]
+        assert (cls.name, cls.kind) == (name, VIEW_ENTRIES[name].kind)
+        assert issubclass(cls, _HybridView) == (cls.kind == HYBRID), name
+
+    def concrete(cls: type[View]) -> list[type[View]]:
+        below = [c for sub in cls.__subclasses__() for c in concrete(sub)]
+        return [cls, *below] if "entry" in vars(cls) else below
+
+    below_view = [c for sub in View.__subclasses__() for c in concrete(sub)]
+    implementations = [cls for cls in below_view if cls.__module__.startswith("sounding_anagrams.")]
+    assert sorted(cls.name for cls in implementations) == sorted(VIEW_ENTRIES)
+
+
+@each_view
+def test_views_are_built_once_per_spec(name: str) -> None:
+    spec = parse_view_spec(name)
+    view = build_views([spec])[0]
+    assert view.view_spec == spec and view.spec == spec.spec and view.kind == spec.kind
+    assert build_views([spec.spec, f" {spec.spec} "]) == (view, view)
+    assert build_views([spec])[0] is view and parse_view(spec.spec) is view
+    if spec.kind == HYBRID:
+        assert view.band == spec.band  # type: ignore[attr-defined]
+
+
+def test_spec_checks_need_no_torch() -> None:
+    """The config checks views with the spec module alone: it imports neither torch nor the sampler."""
+    probe = (
+        "import sys\n"
+        "from sounding_anagrams.viewspec import parse_view_spec\n"
+        "from sounding_anagrams.config import RenderConfig\n"
+        "parse_view_spec('jigsaw(seed=3)').check_canvas(32, 128)\n"
+        "RenderConfig(views=('identity', 'skew'), image_prompts=('a', 'b'))\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('sounding_anagrams.sampler')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -8,15 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sounding_anagrams.errors import ConfigError, ModelLoadError
 from sounding_anagrams.sampler.vocoder import (
     HiFiGANConfig,
     HiFiGANGenerator,
+    from_checkpoint_keys,
     fuse_weight_norm,
     load_vocoder,
     save_vocoder,
     split_weight_norm,
+    to_checkpoint_keys,
     vocode,
 )
 
@@ -86,19 +89,25 @@ def test_config_inconsistent_lengths() -> None:
 # --------------------------------------------------------------------------- generator
 
 
-def test_module_names_follow_checkpoint_layout() -> None:
-    keys = set(_tiny_generator().state_dict())
+def test_key_map_gives_the_checkpoint_layout() -> None:
+    gen = _tiny_generator()
+    state = gen.state_dict()
+    keys = set(to_checkpoint_keys(state))
     for key in ("conv_pre.weight", "conv_pre.bias", "ups.0.weight", "ups.3.bias", "conv_post.weight"):
         assert key in keys
     # Two kernels per stage, four stages: resblocks 0..7 with convs1/convs2 of three convs each.
     assert "resblocks.7.convs1.2.weight" in keys and "resblocks.7.convs2.2.bias" in keys
     assert "resblocks.8.convs1.0.weight" not in keys
-    gen = _tiny_generator()
-    assert gen.ups[0].weight.shape == (32, 16, 10)  # ConvTranspose1d: (in, out, k)
-    assert gen.conv_post.weight.shape == (1, 2, 7)
+    assert not any(k.startswith(("hifigan.", "upsampler.")) for k in keys)
+    assert "mean" not in keys and "scale" not in keys  # SpeechT5's unused input normalisation
+    assert gen.hifigan.upsampler[0].weight.shape == (32, 16, 11)  # ConvTranspose1d: (in, out, k)
+    assert to_checkpoint_keys(state)["conv_post.weight"].shape == (1, 2, 7)
+    back = from_checkpoint_keys(to_checkpoint_keys(state))
+    assert set(back) == set(state) - {"hifigan.mean", "hifigan.scale"}
+    assert all(back[k] is state[k] for k in back)
 
 
-@pytest.mark.parametrize("frames", [1024, 37])
+@pytest.mark.parametrize("frames", [1024, 37, 1])
 def test_output_length(frames: int) -> None:
     gen = _tiny_generator()
     with torch.no_grad():
@@ -107,24 +116,72 @@ def test_output_length(frames: int) -> None:
     assert out.abs().max() <= 1.0
 
 
-def test_odd_kernel_minus_rate_and_resblock2() -> None:
-    # Every stage with an odd k - u (needs output_padding), and the two-conv residual block.
-    cfg = HiFiGANConfig(
-        resblock="2",
-        upsample_rates=(5, 4, 8),
-        upsample_kernel_sizes=(10, 7, 11),
-        upsample_initial_channel=16,
-        resblock_kernel_sizes=(3, 5),
-        resblock_dilation_sizes=((1, 3), (1, 2)),
-        num_mels=80,
+def test_layouts_speecht5_cannot_build_are_refused() -> None:
+    """SpeechT5HifiGan has no two-conv residual block (HiFi-GAN v3) and pads an odd k - u short by one."""
+    base = HiFiGANConfig.tiny().to_dict()
+    with pytest.raises(ModelLoadError, match=r"resblock='2'.*SpeechT5HifiGan.*resblock '1' only"):
+        HiFiGANConfig.from_dict(base | {"resblock": "2", "resblock_dilation_sizes": [[1, 3], [1, 2]]})
+    with pytest.raises(ModelLoadError, match=r"pairs \[\(5, 10\)\] have an odd kernel - rate"):
+        HiFiGANConfig.from_dict(base | {"upsample_kernel_sizes": [10, 8, 8, 4]})
+    with pytest.raises(ModelLoadError, match="exactly 3 dilations"):
+        HiFiGANConfig.from_dict(base | {"resblock_dilation_sizes": [[1, 3, 5, 7], [1, 3, 5]]})
+
+
+def _reference_forward(state: dict[str, torch.Tensor], cfg: HiFiGANConfig, mel: torch.Tensor) -> torch.Tensor:
+    """HiFi-GAN v1's generator written out from its definition (DESIGN.md's vocoder layout) on a fused
+    checkpoint state dict in Auffusion's names: the oracle that SpeechT5HifiGan must keep matching."""
+    n_kernels = len(cfg.resblock_kernel_sizes)
+    x = F.conv1d(mel, state["conv_pre.weight"], state["conv_pre.bias"], padding=3)
+    for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True)):
+        x = F.leaky_relu(x, 0.1)
+        x = F.conv_transpose1d(x, state[f"ups.{i}.weight"], state[f"ups.{i}.bias"], u, (k - u) // 2)
+        outs = []
+        for j, (kr, dilations) in enumerate(
+            zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
+        ):
+            h, name = x, f"resblocks.{i * n_kernels + j}"
+            for m, d in enumerate(dilations):
+                t = F.leaky_relu(h, 0.1)
+                t = F.conv1d(
+                    t,
+                    state[f"{name}.convs1.{m}.weight"],
+                    state[f"{name}.convs1.{m}.bias"],
+                    padding=d * (kr - 1) // 2,
+                    dilation=d,
+                )
+                t = F.leaky_relu(t, 0.1)
+                t = F.conv1d(
+                    t,
+                    state[f"{name}.convs2.{m}.weight"],
+                    state[f"{name}.convs2.{m}.bias"],
+                    padding=(kr - 1) // 2,
+                )
+                h = h + t
+            outs.append(h)
+        x = sum(outs) / n_kernels
+    # HiFi-GAN's last activation uses leaky_relu's default slope, 0.01.
+    x = F.conv1d(F.leaky_relu(x), state["conv_post.weight"], state["conv_post.bias"], padding=3)
+    return torch.tanh(x).squeeze(1)
+
+
+def test_generator_is_hifigan_v1_on_auffusions_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint saved in Auffusion's layout, vocoded by the loaded SpeechT5HifiGan and by the definition.
+    Three residual kernels like Auffusion's (the tiny preset has two); outputs pushed towards +-1."""
+    cfg = HiFiGANConfig.from_dict(
+        HiFiGANConfig.tiny().to_dict()
+        | {"resblock_kernel_sizes": [3, 7, 11], "resblock_dilation_sizes": [[1, 3, 5]] * 3}
     )
-    assert cfg.hop_length == 160
     gen = _tiny_generator(config=cfg)
-    assert gen.ups[1].output_padding == (1,)
-    assert "resblocks.5.convs.1.weight" in gen.state_dict()
-    assert not any("convs1" in k for k in gen.state_dict())
-    for frames in (1, 20, 33):
-        assert vocode(gen, _mel(frames, n_mels=80)).shape == (1, frames * 160)
+    with torch.no_grad():
+        gen.hifigan.conv_post.weight.mul_(5.0)
+    save_vocoder(gen, tmp_path)
+    state = fuse_weight_norm(torch.load(tmp_path / "vocoder.pt", weights_only=True)["generator"])
+    mel = _mel(48)
+    out = vocode(load_vocoder(tmp_path, subfolder=None), mel)
+    with torch.no_grad():
+        expected = _reference_forward(state, cfg, mel)
+    assert expected.abs().max() > 0.3, "the outputs should not all sit near zero"
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_tiny_vocoder_is_fast_enough() -> None:
@@ -136,11 +193,11 @@ def test_tiny_vocoder_is_fast_enough() -> None:
 
 
 def test_split_then_fuse_is_identity() -> None:
-    state = _tiny_generator().state_dict()
+    state = to_checkpoint_keys(_tiny_generator().state_dict())
     split = split_weight_norm(state)
     assert "conv_pre.weight" not in split and "conv_pre.bias" in split
     assert split["ups.0.weight_g"].shape == (32, 1, 1)
-    assert split["ups.0.weight_v"].shape == (32, 16, 10)
+    assert split["ups.0.weight_v"].shape == (32, 16, 11)
     fused = fuse_weight_norm(split)
     assert fused.keys() == state.keys()
     for k, v in state.items():
@@ -181,7 +238,7 @@ def test_saved_checkpoint_uses_old_weight_norm_layout(saved: tuple[HiFiGANGenera
     assert any(k.endswith(".weight_g") for k in keys)
     assert any(k.endswith(".weight_v") for k in keys)
     assert not any(k.endswith(".weight") for k in keys)
-    assert "resblocks.0.convs1.0.weight_g" in keys and "conv_post.bias" in keys
+    assert "resblocks.0.convs1.0.weight_g" in keys and "conv_post.bias" in keys and "ups.3.weight_v" in keys
     assert json.loads((root / "vocoder" / "config.json").read_text()) == HiFiGANConfig.tiny().to_dict()
 
 

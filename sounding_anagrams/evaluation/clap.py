@@ -21,7 +21,6 @@ small random offline CLAP built once into the cache and then loaded through the 
 
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -33,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sounding_anagrams.errors import ConfigError, ModelLoadError
+from sounding_anagrams.devices import resolve_device
+from sounding_anagrams.errors import ConfigError, ModelLoadError, one_line
 from sounding_anagrams.evaluation.metrics import alignment, concealment
-from sounding_anagrams.sampler.models import ensure_built, resolve_device, tiny_cache_dir
+from sounding_anagrams.files import looks_like_path
+from sounding_anagrams.sampler.models import ensure_built, tiny_cache_dir, write_byte_level_tokenizer
 
 if TYPE_CHECKING:
     from transformers import ClapConfig
@@ -246,21 +247,11 @@ class AudioTextScorer(ABC):
 # -- CLAP through transformers -------------------------------------------------------------------------------
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``owner/name``; an existing path, a leading '/', '.' or '~', or more slashes: a folder."""
-    return (
-        Path(name).expanduser().exists()
-        or name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or "\\" in name
-    )
-
-
 def resolve_clap_source(model: str) -> str:
     """``"tiny"`` -> the cached tiny folder (built on first use); a folder -> its path; a hub id as it is."""
     if model == TINY_CLAP:
         return str(ensure_tiny_clap())
-    if _looks_like_path(model):
+    if looks_like_path(model):
         folder = Path(model).expanduser()
         if not folder.is_dir():
             raise ModelLoadError(
@@ -273,8 +264,7 @@ def resolve_clap_source(model: str) -> str:
 
 
 def _load_error(model: str, source: str, error: Exception) -> ModelLoadError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    if source == model and not _looks_like_path(model):
+    if source == model and not looks_like_path(model):
         hint = (
             "Hub weights download into the Hugging Face cache on first use, which needs the network (and "
             "HF_HUB_OFFLINE unset); offline, give a local folder saved with save_pretrained (ClapModel and "
@@ -285,7 +275,7 @@ def _load_error(model: str, source: str, error: Exception) -> ModelLoadError:
             "The folder must hold a ClapModel and a ClapProcessor saved with save_pretrained (config.json, "
             "weights, preprocessor/processor config and tokenizer files)."
         )
-    return ModelLoadError(f"could not load the CLAP model {model!r}: {reason} {hint}")
+    return ModelLoadError(f"could not load the CLAP model {model!r}: {one_line(error)} {hint}")
 
 
 def _pooled(output: Any) -> Tensor:
@@ -321,7 +311,7 @@ class ClapScorer(AudioTextScorer):
 
         self.name = model
         self.batch_size = batch_size
-        self.device = resolve_device(str(device))
+        self.device = resolve_device(device)
         self.source = resolve_clap_source(model)
         try:
             clap = ClapModel.from_pretrained(self.source)
@@ -451,13 +441,8 @@ def build_tiny_clap(folder: Path) -> None:
     """
     from transformers import ClapFeatureExtractor, ClapModel, ClapProcessor, RobertaTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = _roberta_byte_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": CLAP_TEXT_MAX_TOKENS, "tokenizer_class": "RobertaTokenizer"}),
-        encoding="utf-8",
+    vocab_size = write_byte_level_tokenizer(
+        folder, _roberta_byte_vocab(), max_length=CLAP_TEXT_MAX_TOKENS, tokenizer_class="RobertaTokenizer"
     )
     tokenizer = RobertaTokenizer.from_pretrained(str(folder))
     feature_extractor = ClapFeatureExtractor(
@@ -475,7 +460,7 @@ def build_tiny_clap(folder: Path) -> None:
     # Fork the RNG so that building the cache does not shift the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_CLAP_SEED)
-        model = ClapModel(tiny_clap_config(len(vocab)))
+        model = ClapModel(tiny_clap_config(vocab_size))
     model.save_pretrained(str(folder))
     (folder / TINY_CLAP_MARKER).write_text(f"tiny CLAP v{TINY_CLAP_VERSION}, seed {_TINY_CLAP_SEED}\n")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,7 +33,8 @@ from huggingface_hub import constants as hf_constants
 from safetensors.torch import save_file
 from torch import Tensor
 
-from sounding_anagrams.errors import ConfigError, ModelLoadError, did_you_mean, unknown_name_message
+from sounding_anagrams.devices import resolve_device
+from sounding_anagrams.errors import ConfigError, ModelLoadError, did_you_mean, one_line, unknown_name_message
 from sounding_anagrams.evaluation.metrics import alignment, concealment, sliding_windows, windowed_score
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"
@@ -88,6 +90,29 @@ class ImageTextScorer(ABC):
     def embed_texts(self, prompts: Sequence[str]) -> Tensor:
         """``P`` prompts -> ``(P, D)`` unit vectors, float32 on the CPU."""
 
+    def text_embeddings(self, prompts: Sequence[str]) -> Tensor:
+        """``embed_texts`` of ``prompts`` ``(P, D)``, each prompt embedded once per scorer: a search scores
+        the same few prompts at every preview and every batch. Safe to call from several threads.
+
+        The prompts missing from the cache are embedded together; a prompt's row does not depend on the
+        others in its call beyond the kernels' rounding (the text tower sees each prompt alone).
+        """
+        # Made on first use: subclasses need not call an __init__ (dict.setdefault is atomic).
+        lock = self.__dict__.setdefault("_text_lock", threading.Lock())
+        with lock:
+            cache: dict[str, Tensor] = self.__dict__.setdefault("_text_embeddings", {})
+            missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+            if missing:
+                embeddings = self.embed_texts(missing)
+                if embeddings.ndim != 2 or embeddings.shape[0] != len(missing):
+                    raise ValueError(
+                        f"{type(self).__name__}.embed_texts returned shape {tuple(embeddings.shape)} for "
+                        f"{len(missing)} prompts; expected (P, D)"
+                    )
+                for prompt, row in zip(missing, embeddings.float().cpu(), strict=True):
+                    cache[prompt] = row
+            return torch.stack([cache[p] for p in prompts])
+
     def similarity(
         self, images: Tensor | Sequence[Tensor], prompts: Sequence[str], protocol: str = "windowed"
     ) -> Tensor:
@@ -99,7 +124,7 @@ class ImageTextScorer(ABC):
         _check_protocol(protocol)
         _check_prompts(prompts)
         pictures = _pictures(images, "images")
-        return self._similarities(pictures, self.embed_texts(prompts), protocol)
+        return self._similarities(pictures, self.text_embeddings(prompts), protocol)
 
     def score(
         self, pictures: Tensor | Sequence[Tensor], prompts: Sequence[str], protocol: str = "windowed"
@@ -119,7 +144,8 @@ class ImageTextScorer(ABC):
         protocol: str = "windowed",
     ) -> list[dict[str, float]]:
         """``score`` of many candidates at once: every picture (and window) of every candidate goes through
-        ``embed_images`` in one pass, in chunks of ``batch_size``; the prompts are embedded once."""
+        ``embed_images`` in one pass, in chunks of ``batch_size``, where they are (a GPU's pictures stay
+        there); the prompts are embedded once per scorer (:meth:`text_embeddings`)."""
         _check_protocol(protocol)
         _check_prompts(prompts)
         groups = [_pictures(candidate, f"candidate {c}") for c, candidate in enumerate(candidates)]
@@ -134,7 +160,7 @@ class ImageTextScorer(ABC):
         if not groups:
             return []
         similarities = self._similarities(
-            [p for group in groups for p in group], self.embed_texts(prompts), protocol
+            [p for group in groups for p in group], self.text_embeddings(prompts), protocol
         )
         return [self._scores(matrix) for matrix in similarities.split(len(prompts))]
 
@@ -234,7 +260,7 @@ class ClipScorer(ImageTextScorer):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, but got {batch_size=}.")
         self.batch_size = batch_size
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.source = model
         spec = _resolve_source(model, pretrained)
         # An open_clip CLIP / CustomTextCLIP (untyped: its towers are attributes of nn.Module).
@@ -427,7 +453,7 @@ def _load(spec: _Source, device: torch.device) -> tuple[Any, Callable[[list[str]
         )
         tokenizer = open_clip.get_tokenizer(spec.name)
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+        reason = one_line(error).rstrip(".")
         where = ""
         if not spec.name.startswith("local-dir:"):
             offline = (
@@ -440,18 +466,6 @@ def _load(spec: _Source, device: torch.device) -> tuple[Any, Callable[[list[str]
         raise ModelLoadError(f"could not load CLIP model {spec.shown!r}: {reason}.{where}") from error
     model.eval().requires_grad_(False)
     return model, tokenizer
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ConfigError("device", device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'") from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", device, "CUDA is not available here; use 'auto' or 'cpu'")
-    return resolved
 
 
 def _check_protocol(protocol: str) -> None:
@@ -470,7 +484,8 @@ def _check_prompts(prompts: Sequence[str]) -> None:
 
 
 def _pictures(pictures: Tensor | Sequence[Tensor], where: str) -> list[Tensor]:
-    """``(V, 3, H, W)`` or ``V`` tensors ``(3, H, W)`` -> checked float pictures clamped to ``[0, 1]``."""
+    """``(V, 3, H, W)`` or ``V`` tensors ``(3, H, W)`` -> checked float pictures clamped to ``[0, 1]``, on the
+    device they are on (their ranges come back to the host in one copy)."""
     if isinstance(pictures, Tensor) and pictures.ndim != 4:
         raise ConfigError(
             where, tuple(pictures.shape), "must be a (V, 3, H, W) tensor or a list of (3, H, W) ones"
@@ -486,11 +501,15 @@ def _pictures(pictures: Tensor | Sequence[Tensor], where: str) -> list[Tensor]:
                 tuple(picture.shape),
                 "must be (3, H, W); repeat a grayscale channel 3 times",
             )
-        picture = picture.float()
-        low, high = float(picture.min()), float(picture.max())
+        checked.append(picture.float())
+    if not checked:
+        return []
+    # One wait for the device per candidate, not two per picture.
+    ranges = torch.stack([torch.stack(torch.aminmax(p)) for p in checked]).tolist()
+    for i, (low, high) in enumerate(ranges):
+        name = f"{where}, picture {i}"
         if not (math.isfinite(low) and math.isfinite(high)):
             raise ConfigError(f"{name} values", (low, high), "must be finite")
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             raise ConfigError(f"{name} value range", (round(low, 4), round(high, 4)), "must lie in [0, 1]")
-        checked.append(picture.clamp(0, 1))
-    return checked
+    return [p.clamp(0, 1) for p in checked]

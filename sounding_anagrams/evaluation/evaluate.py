@@ -123,30 +123,34 @@ def load_render_folder(folder: Path) -> Candidate:
         config = RenderConfig.from_yaml(config_path, field="config")
     except ConfigError as error:
         raise RenderFolderError(f"{folder}: {error}") from None
-    pictures = []
-    for index in range(len(config.views)):
-        path = folder / f"view{index}.png"
-        if not path.exists():
-            raise RenderFolderError(
-                f"{folder}: missing view{index}.png ({len(config.views)} views in config.yaml)"
-            )
-        pictures.append(read_picture(folder, path, (config.height, config.width)))
-    waves = []
-    for index in range(len(config.audio_prompts)):
-        path = folder / f"audio{index}.wav"
-        if not path.exists():
-            raise RenderFolderError(
-                f"{folder}: missing audio{index}.wav "
-                f"({len(config.audio_prompts)} audio prompts in config.yaml)"
-            )
-        try:
-            wave, rate = read_wav(path)
-        except ConfigError as error:
-            raise RenderFolderError(f"{folder}: audio{index}.wav: {error}") from None
-        if rate != SAMPLE_RATE:
-            raise RenderFolderError(f"{folder}: audio{index}.wav is {rate} Hz; renders are {SAMPLE_RATE} Hz")
-        waves.append(wave)
+    size = (config.height, config.width)
+    views = listed_files(folder, "view{}.png", len(config.views), "views")
+    sounds = listed_files(folder, "audio{}.wav", len(config.audio_prompts), "audio prompts")
+    pictures = [read_picture(folder, path, size) for path in views]
+    waves = [read_sound(folder, path) for path in sounds]
     return Candidate(pictures, waves, config.image_prompts, config.audio_prompts)
+
+
+def listed_files(folder: Path, pattern: str, count: int, what: str) -> list[Path]:
+    """The ``count`` files ``pattern.format(i)`` of a render folder that its config.yaml implies (one per
+    view, one per audio prompt); a missing one is a RenderFolderError saying how many ``what`` it lists."""
+    paths = [folder / pattern.format(index) for index in range(count)]
+    for path in paths:
+        if not path.exists():
+            raise RenderFolderError(f"{folder}: missing {path.name} ({count} {what} in config.yaml)")
+    return paths
+
+
+def read_sound(folder: Path, path: Path) -> np.ndarray:
+    """An ``audio{a}.wav`` of a render folder as float32 samples; a file that is no WAV, or not at the
+    renders' 16 kHz, is a RenderFolderError."""
+    try:
+        wave, rate = read_wav(path)
+    except ConfigError as error:
+        raise RenderFolderError(f"{folder}: {path.name}: {error}") from None
+    if rate != SAMPLE_RATE:
+        raise RenderFolderError(f"{folder}: {path.name} is {rate} Hz; renders are {SAMPLE_RATE} Hz")
+    return wave
 
 
 def read_picture(folder: Path, path: Path, size: tuple[int, int]) -> torch.Tensor:

@@ -25,13 +25,15 @@ from filelock import FileLock
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sounding_anagrams.config import AUFFUSION_ID, SD15_ID, TINY_MODELS, RenderConfig
-from sounding_anagrams.errors import ConfigError, ModelLoadError
+from sounding_anagrams.devices import make_current, resolve_device
+from sounding_anagrams.errors import ConfigError, ModelLoadError, one_line
+from sounding_anagrams.files import looks_like_path
 from sounding_anagrams.sampler.vocoder import HiFiGANConfig, HiFiGANGenerator, load_vocoder, save_vocoder
 
 logger = logging.getLogger(__name__)
 
 # Bump when the tiny components change so that stale caches are rebuilt, not reused.
-TINY_VERSION = 3
+TINY_VERSION = 4
 _TINY_SEEDS = {"image": 1234, "audio": 5678}
 # SD 1.5's noise schedule (its scheduler/scheduler_config.json), used by the tiny preset.
 SD15_SCHEDULE: dict[str, Any] = {
@@ -69,15 +71,7 @@ class ModelBundle:
     dtype: torch.dtype
 
 
-# -- device and dtype ---------------------------------------------------------------------------------
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("device", device, "CUDA is not available on this machine; use 'cpu' or 'auto'")
-    return torch.device(device)
+# -- dtype -------------------------------------------------------------------------------------------------
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -101,17 +95,11 @@ def resolve_model_source(name: str, kind: str) -> str:
 
 
 def _load_help(source: str, part: str, error: Exception) -> ModelLoadError:
-    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return ModelLoadError(
-        f"could not load {part} of {source!r}: {reason} "
+        f"could not load {part} of {source!r}: {one_line(error)} "
         f"Give a hub id (downloaded to the HF cache, e.g. {SD15_ID!r} / {AUFFUSION_ID!r}), a local diffusers "
         f"pipeline folder with {part}/ inside, or 'tiny' for small random offline models."
     )
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are ``owner/name``; a leading '/', '.' or '~', more slashes, or an existing path: a folder."""
-    return source.startswith(("/", ".", "~")) or source.count("/") > 1 or Path(source).exists()
 
 
 def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, **kwargs: Any) -> Any:
@@ -129,12 +117,12 @@ def _from_pretrained(cls: Any, source: str, subfolder: str, dtype: torch.dtype, 
 
 def load_diffusion_model(source: str, *, device: torch.device, dtype: torch.dtype) -> DiffusionModel:
     """Load unet, vae, text encoder and tokenizer of one pipeline folder or hub id."""
-    if _looks_like_path(source) and not Path(source).expanduser().is_dir():
+    if looks_like_path(source) and not Path(source).expanduser().is_dir():
         raise ModelLoadError(
             f"model folder {source!r} does not exist; give a diffusers pipeline folder (unet/, vae/, "
             f"text_encoder/, tokenizer/, scheduler/), a hub id such as {SD15_ID!r}, or 'tiny'"
         )
-    source = str(Path(source).expanduser()) if _looks_like_path(source) else source
+    source = str(Path(source).expanduser()) if looks_like_path(source) else source
     unet = _from_pretrained(UNet2DConditionModel, source, "unet", dtype, torch_dtype=dtype)
     vae = _from_pretrained(AutoencoderKL, source, "vae", dtype, torch_dtype=dtype)
     text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder", dtype)
@@ -168,6 +156,7 @@ def load_models(
 ) -> ModelBundle:
     """Load both models on one device; the vocoder runs in fp32 (it is small and fp16 hurts the sound)."""
     torch_device = resolve_device(device)
+    make_current(torch_device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     image_source = resolve_model_source(image_model, "image")
     audio_source = resolve_model_source(audio_model, "audio")
@@ -295,16 +284,25 @@ def _byte_level_vocab() -> dict[str, int]:
     return vocab
 
 
-def write_tiny_tokenizer(folder: Path) -> int:
-    """Write vocab.json/merges.txt loadable by ``CLIPTokenizer.from_pretrained``; returns the vocab size."""
+def write_byte_level_tokenizer(
+    folder: Path, vocab: dict[str, int], *, max_length: int, tokenizer_class: str
+) -> int:
+    """Write a byte-level BPE tokenizer with no merges (vocab.json, merges.txt, tokenizer_config.json) that
+    ``tokenizer_class.from_pretrained`` loads; returns the vocab size."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = _byte_level_vocab()
     (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}), encoding="utf-8"
+        json.dumps({"model_max_length": max_length, "tokenizer_class": tokenizer_class}), encoding="utf-8"
     )
     return len(vocab)
+
+
+def write_tiny_tokenizer(folder: Path) -> int:
+    """The tiny preset's tokenizer, loadable by ``CLIPTokenizer.from_pretrained``; returns the vocab size."""
+    return write_byte_level_tokenizer(
+        folder, _byte_level_vocab(), max_length=77, tokenizer_class="CLIPTokenizer"
+    )
 
 
 def tiny_text_encoder(vocab_size: int) -> CLIPTextModel:

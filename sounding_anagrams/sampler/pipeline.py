@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sounding_anagrams.config import RenderConfig, check_shared_fields
 from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle
 from sounding_anagrams.sampler.transfer import HostReadback, upload
-from sounding_anagrams.sampler.views import View
+from sounding_anagrams.sampler.views import View, build_views
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +77,39 @@ class _Term:
 
 
 @dataclass
+class _Solver:
+    """One scheduler that steps every candidate of one schedule in one call per step.
+
+    DDIM keeps no state between steps. DPM-Solver++ keeps its last model outputs in ``model_outputs``, one
+    row per candidate: ``members`` are the candidates those rows belong to, in order.
+    """
+
+    scheduler: Any
+    members: list[int] = field(default_factory=list)
+
+    def follow(self, members: list[int]) -> None:
+        """Keep the solver's history of ``members`` only (a candidate that stopped or failed leaves it)."""
+        if members == self.members:
+            return
+        history = getattr(self.scheduler, "model_outputs", None)
+        if history is not None and self.members:
+            keep = [self.members.index(c) for c in members]
+            self.scheduler.model_outputs = [None if h is None else take_rows(h, keep) for h in history]
+        self.members = list(members)
+
+
+@dataclass
 class _Plan:
     """Per-candidate schedule and knobs, derived once from the configs."""
 
     config: RenderConfig
-    scheduler: Any
+    solver: _Solver  # shared by the candidates of one schedule in one sampler call
     timesteps: list[int]
+    candidate: int  # index in the sampler call's configs
+
+    @property
+    def scheduler(self) -> Any:
+        return self.solver.scheduler
 
 
 def make_scheduler(name: str, schedule_config: dict[str, Any], num_inference_steps: int) -> Any:
@@ -99,6 +126,25 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], num_inference_ste
     return scheduler
 
 
+# What ``set_timesteps`` resets in a multistep solver: its per-run state. The rest (timesteps, sigmas, alphas)
+# is only read while stepping, so a shallow copy shares it with the prototype.
+_SOLVER_STATE = ("model_outputs", "lower_order_nums", "_step_index", "_begin_index")
+
+
+def fresh_solver(prototype: Any) -> Any:
+    """A multistep scheduler ready for a new run, made from ``prototype`` (set up, never stepped) without
+    copying its schedule: a shallow copy with the per-run state reset, not a deep copy at every batch."""
+    state = vars(prototype)
+    if not all(name in state for name in _SOLVER_STATE):  # a diffusers that keeps its state elsewhere
+        return copy.deepcopy(prototype)
+    scheduler = copy.copy(prototype)
+    scheduler.model_outputs = [None] * len(prototype.model_outputs)  # a list of its own: step shifts it
+    scheduler.lower_order_nums = 0
+    scheduler._step_index = None
+    scheduler._begin_index = None
+    return scheduler
+
+
 class JointSampler:
     """Batched sampler over candidates that share prompts, views and canvas (their knobs may differ)."""
 
@@ -107,10 +153,15 @@ class JointSampler:
             raise ValueError(f"max_unet_batch must be at least 2 (one CFG pair), but got {max_unet_batch=}.")
         self.models = models
         self.max_unet_batch = max_unet_batch
+        # The UNet batch limit out of memory left (None: max_unet_batch's), and the calls since it last
+        # changed: an out-of-memory halves it for the failing call, a run of successes doubles it back.
+        self.unet_chunk: int | None = None
+        self._fitting_calls = 0
+        self._largest_batch = 0
         # Kept between calls (a search samples batch after batch with the same prompts and schedules), so the
         # device is not left idle while the host rebuilds them.
         self._embeddings: dict[tuple[int, tuple[str, ...], str], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._schedulers: dict[tuple[str, int], Any] = {}
+        self._schedulers: dict[tuple[str, int], tuple[Any, list[int]]] = {}  # prototype, timesteps
 
     @torch.no_grad()
     def __call__(
@@ -123,8 +174,8 @@ class JointSampler:
         # 1. Check inputs: one batch shares prompts, views and canvas.
         self.check_inputs(configs)
         first = configs[0]
-        views = first.parsed_views()
-        audio_views = first.parsed_audio_views()
+        views = build_views(first.view_specs())
+        audio_views = build_views(first.audio_view_specs())
 
         # 2. Encode each prompt once for the whole run.
         image_cond, image_uncond = self.encode_prompts(
@@ -184,8 +235,8 @@ class JointSampler:
                     calls[kind] += 1
                     samples[kind] += n_samples
 
-            # 4b. Scheduler step: candidates at the same stateless (DDIM) step in one call, the others each
-            #     with their own solver state.
+            # 4b. Scheduler step: one call per schedule for all of its candidates (a multistep solver keeps a
+            #     history row per candidate).
             z_next, pred_x0 = self.scheduler_step([plans[c] for c in active], step, z, eps)
             if rows_of[1] is None:
                 latents = z_next
@@ -267,20 +318,24 @@ class JointSampler:
         return torch.stack(noise).to(self.models.device)
 
     def prepare_schedules(self, configs: Sequence[RenderConfig]) -> list[_Plan]:
-        """A schedule per candidate. DDIM keeps no state between steps, so its candidates share one scheduler
-        (per number of steps); a multistep solver's history is per candidate, so each gets its own copy."""
+        """A schedule per candidate; the candidates of one schedule share one solver. DDIM keeps no state
+        between steps, so its scheduler is kept between calls; a multistep solver's history belongs to one
+        call, so each call starts from a fresh one (:func:`fresh_solver`)."""
+        solvers: dict[tuple[str, int], _Solver] = {}
         plans = []
-        for config in configs:
+        for candidate, config in enumerate(configs):
             key = (config.scheduler, config.num_inference_steps)
             if key not in self._schedulers:
-                self._schedulers[key] = make_scheduler(
+                prototype = make_scheduler(
                     config.scheduler, self.models.scheduler_config, config.num_inference_steps
                 )
-            prototype = self._schedulers[key]
-            scheduler = prototype if config.scheduler == "ddim" else copy.deepcopy(prototype)
-            # Every scheduler used here starts from unit-variance noise (init_noise_sigma == 1).
-            assert float(scheduler.init_noise_sigma) == 1.0
-            plans.append(_Plan(config, scheduler, [int(t) for t in scheduler.timesteps]))
+                # Every scheduler used here starts from unit-variance noise (init_noise_sigma == 1).
+                assert float(prototype.init_noise_sigma) == 1.0
+                self._schedulers[key] = (prototype, [int(t) for t in prototype.timesteps])
+            prototype, timesteps = self._schedulers[key]
+            if key not in solvers:
+                solvers[key] = _Solver(prototype if config.scheduler == "ddim" else fresh_solver(prototype))
+            plans.append(_Plan(config, solvers[key], timesteps, candidate))
         return plans
 
     @staticmethod
@@ -353,13 +408,22 @@ class JointSampler:
             out.index_add_(0, upload(rows, device, torch.long), w * term.view.inverse_view(guided))
         return out, 2 * batch
 
+    # Successful UNet calls at a lowered limit before it doubles back (one denoising step makes one or two).
+    grow_back_after = 16
+
     def run_unet(
         self, model: DiffusionModel, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor
     ) -> torch.Tensor:
-        """UNet over a batch in chunks of ``max_unet_batch``; on CUDA out of memory, halve and retry."""
+        """UNet over a ``(B, 4, h, w)`` batch in chunks of at most ``max_unet_batch`` samples.
+
+        On CUDA out of memory the limit halves and the same call is tried again (down to 2 samples); after
+        ``grow_back_after`` calls that fit, it doubles back, never above ``max_unet_batch``: a one-off
+        (another process's peak) costs a few slower steps, not the rest of the run.
+        """
         dtype = next(model.unet.parameters()).dtype  # (diffusers' .dtype walks every module, each step)
-        chunk = self.max_unet_batch or x.shape[0]
+        self._largest_batch = max(self._largest_batch, x.shape[0])
         while True:
+            chunk = min(self.unet_chunk or x.shape[0], self.max_unet_batch or x.shape[0])
             try:
                 outs = [
                     model.unet(
@@ -369,14 +433,39 @@ class JointSampler:
                     ).sample
                     for i in range(0, x.shape[0], chunk)
                 ]
-                return torch.cat(outs).float()
             except _OOM_ERRORS:
                 if chunk <= 2:
                     raise
-                chunk = max(2, chunk // 2)
-                self.max_unet_batch = chunk
-                torch.cuda.empty_cache()
-                logger.warning("CUDA out of memory: UNet batches are now chunked to %d samples", chunk)
+            else:
+                self._grow_back()
+                return torch.cat(outs).float()
+            # Outside the except block: the failed call's tensors, held by its traceback, are free now.
+            self._shrink(chunk)
+
+    def _shrink(self, chunk: int) -> None:
+        """An out-of-memory call of ``chunk`` samples per UNet call: halve the limit."""
+        self.unet_chunk = max(2, chunk // 2)
+        self._fitting_calls = 0
+        torch.cuda.empty_cache()
+        logger.warning(
+            "CUDA out of memory: UNet calls take at most %d samples for the next %d calls",
+            self.unet_chunk,
+            self.grow_back_after,
+        )
+
+    def _grow_back(self) -> None:
+        """One more call that fit: after ``grow_back_after`` of them, double the limit (back to none once it
+        reaches ``max_unet_batch`` or the largest batch seen)."""
+        if self.unet_chunk is None:
+            return
+        self._fitting_calls += 1
+        if self._fitting_calls < self.grow_back_after:
+            return
+        self._fitting_calls = 0
+        grown = self.unet_chunk * 2
+        ceiling = self.max_unet_batch or self._largest_batch
+        self.unet_chunk = None if grown >= ceiling else grown
+        logger.info("UNet calls take up to %s samples again", self.unet_chunk or ceiling)
 
     @staticmethod
     def scheduler_step(
@@ -384,25 +473,28 @@ class JointSampler:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Next latents and predicted clean latents ``(n, 4, h, w)`` of the active candidates' ``plans``.
 
-        DDIM keeps no state between steps, so the candidates at the same timestep of the same schedule take
-        one call (a search's batch is usually one such group: far fewer small kernels and Python calls per
-        step). Multistep solvers keep per-candidate history and step one candidate at a time.
+        The candidates of one schedule are at the same timestep and take one call of their solver (a
+        search's batch is usually one such group: far fewer small kernels and Python calls per step). A
+        multistep solver's history holds one row per candidate, so stepping them together is stepping each
+        alone (the same element-wise arithmetic: equal to the bit on the tiny models, CPU).
         """
         z_next, pred_x0 = torch.empty_like(z), torch.empty_like(z)
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        groups: dict[tuple[int, int], list[int]] = {}
         for row, plan in enumerate(plans):
-            key: tuple[Any, ...] = (
-                ("ddim", plan.config.num_inference_steps, plan.timesteps[step])
-                if plan.config.scheduler == "ddim"
-                else ("own", row)
-            )
-            groups.setdefault(key, []).append(row)
+            groups.setdefault((id(plan.solver), plan.timesteps[step]), []).append(row)
         for rows in groups.values():
             plan = plans[rows[0]]
             t = plan.timesteps[step]
             z_rows, eps_rows = take_rows(z, rows), take_rows(eps, rows)
-            put_rows(z_next, rows, plan.scheduler.step(eps_rows, t, z_rows).prev_sample)
-            put_rows(pred_x0, rows, JointSampler.predict_x0(plan.scheduler, z_rows, eps_rows, t))
+            plan.solver.follow([plans[r].candidate for r in rows])
+            out = plan.scheduler.step(eps_rows, t, z_rows)
+            put_rows(z_next, rows, out.prev_sample)
+            # DDIM's step hands out the x0 it stepped with (the same formula as ours: max abs diff 0 on the
+            # tiny models, 2 steps, CPU); DPM-Solver++'s output has only prev_sample.
+            x0 = getattr(out, "pred_original_sample", None)
+            if x0 is None:
+                x0 = JointSampler.predict_x0(plan.scheduler, z_rows, eps_rows, t)
+            put_rows(pred_x0, rows, x0)
         return z_next, pred_x0
 
     @staticmethod
@@ -421,7 +513,9 @@ class JointSampler:
 
     @staticmethod
     def predict_x0(scheduler: Any, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        """Predicted clean latent of an epsilon-prediction model: ``(z - sqrt(1 - a) eps) / sqrt(a)``."""
+        """Predicted clean latent ``(n, 4, h, w)`` of an epsilon-prediction model: ``(z - sqrt(1 - a) eps) /
+        sqrt(a)``, for schedulers whose step gives none (DPM-Solver++: it keeps the same x0 in its internal
+        ``model_outputs`` history, 1e-6 from this on the tiny models; not an interface to rely on)."""
         alpha = scheduler.alphas_cumprod[t].to(torch.float32)  # a CPU scalar: no copy to wait for
         return (z - (1 - alpha).sqrt() * eps) / alpha.sqrt()
 

@@ -20,7 +20,12 @@ import torch
 def upload(values: Sequence[float] | Sequence[int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A small ``(len(values),)`` tensor on ``device``; on CUDA queued behind the work already there,
     without waiting for it (``non_blocking``: the host copy is staged at once, the GPU reads it in turn)."""
-    host = torch.tensor(values, dtype=dtype)
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor's copy on ``device`` (same shape), queued on CUDA without waiting for the work already
+    there, as in :func:`upload`; ``host`` may be dropped at once."""
     return host.to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
@@ -75,6 +80,8 @@ def side_stream(device: torch.device, after: torch.cuda.Event | None = None) -> 
     if device.type != "cuda":
         yield
         return
+    if device.index is None:  # "cuda" is the current device: the thread's stream names it by its index
+        device = torch.device("cuda", torch.cuda.current_device())
     stream: torch.cuda.Stream | None = getattr(_streams, "stream", None)
     if stream is None or stream.device != device:
         stream = torch.cuda.Stream(device, priority=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from sounding_anagrams.commands.common import study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
 
@@ -28,9 +29,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from sounding_anagrams.cli import study_name_of
     from sounding_anagrams.search.report import load_study_from_storage
-    from sounding_anagrams.search.stores import default_storage
+    from sounding_anagrams.search.stores import default_storage, open_storage
 
     storage = args.storage or default_storage(args.runs)
     if args.study:
@@ -48,7 +48,8 @@ def run_dashboard(args: argparse.Namespace) -> int:
     best = None
     if complete and len(study.directions) == 1:
         best = study.best_trial.number
-    page = dashboard_url(args.host, args.port, study._study_id, best)
+    study_id = open_storage(storage, heartbeat=False).get_study_id_from_name(study.study_name)
+    page = dashboard_url(args.host, args.port, study_id, best)
     what = f"best trial {best}" if best is not None else "trials"
     print(
         f"optuna-dashboard, study {study.study_name} ({what}): {page}\n"

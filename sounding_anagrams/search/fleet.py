@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sounding_anagrams.commands.common import checked_search, study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.workers import is_cut_short
 
@@ -59,8 +60,7 @@ def run_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
     storage and the MLflow store. One progress line here counts the study's finished trials. Ctrl-C (or
     SIGTERM) is passed on once to every worker, which drains as a single search does; a second one abandons.
     """
-    from sounding_anagrams.cli import checked_search, study_name_of
-    from sounding_anagrams.search.loop import SearchSettings, check_stores
+    from sounding_anagrams.search.opening import SearchSettings, check_stores
 
     study = checked_search(args)
     gpus = visible_gpus()
@@ -143,7 +143,6 @@ def watch_workers(
     from optuna.trial import TrialState
     from tqdm.auto import tqdm
 
-    from sounding_anagrams.cli import study_name_of
     from sounding_anagrams.search.stores import default_storage, open_storage
 
     name = study_name_of(str(args.study), args.models)
@@ -223,7 +222,6 @@ def run_ui(args: argparse.Namespace) -> int:
         uri = f"sqlite:///{store}"
     from mlflow.tracking import MlflowClient
 
-    from sounding_anagrams.cli import study_name_of
     from sounding_anagrams.search.tracking import is_server, leaderboard_url
 
     client = MlflowClient(tracking_uri=uri)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from sounding_anagrams.errors import ConfigError, one_line
 from sounding_anagrams.files import CLIP_FILE
 
 if TYPE_CHECKING:
     import optuna
-    from optuna.artifacts._protocol import ArtifactStore
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +28,17 @@ STORE_ATTR = "artifact_store"
 # The trial attribute mapping each medium's name (view0, spectrogram, audio0, clip) to its artifact id.
 MEDIA_ATTR = "media"
 MIMETYPES = {".png": "image/png", ".wav": "audio/wav", ".mp4": "video/mp4"}
+
+
+class ArtifactStore(Protocol):
+    """What ``upload_artifact`` and optuna-dashboard ask of an artifact store, which Optuna's folder and S3
+    stores are. Written here because Optuna's own protocol is private (``optuna.artifacts._protocol``)."""
+
+    def open_reader(self, artifact_id: str) -> BinaryIO: ...
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None: ...
+
+    def remove(self, artifact_id: str) -> None: ...
 
 
 def default_location(runs_dir: Path) -> str:

@@ -24,9 +24,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sounding_anagrams.commands.common import quiet_libraries, study_name_of, study_with_overrides
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, one_line, shown_url
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
-from sounding_anagrams.search.stores import default_storage
+from sounding_anagrams.search.stores import default_storage, trial_id_of
 
 if TYPE_CHECKING:
     import optuna
@@ -55,17 +56,32 @@ def preference_sampler_class() -> type:
         ) from None
 
     class ChoiceRecordingSampler(PreferentialGPSampler):
+        """Notes, by trial number, the choices it was fitted on; the asker writes them on the trial
+        (:func:`record_choices_seen`), since a sampler sees only a frozen copy of it."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.choices_seen: dict[int, int] = {}
+
         def sample_relative(self, study: Any, trial: Any, search_space: Any) -> dict[str, Any]:
             params = super().sample_relative(study, trial, search_space)
             choices = len(PreferentialStudy(study).get_preferences(deepcopy=False)) if params else 0
-            study._storage.set_trial_user_attr(trial._trial_id, CHOICES_ATTR, choices)
+            self.choices_seen[trial.number] = choices
             return params
 
     return ChoiceRecordingSampler
 
 
-def is_preferential(study: optuna.Study) -> bool:
-    return bool(study._storage.get_study_system_attrs(study._study_id).get(PREFERENTIAL_ATTR))
+def record_choices_seen(sampler: Any, trial: optuna.Trial) -> None:
+    """Write on ``trial`` how many choices the sampler was fitted on when it proposed it; a trial whose knobs
+    were all given (a start point) was proposed by no fit and gets nothing."""
+    if trial.number in sampler.choices_seen:
+        trial.set_user_attr(CHOICES_ATTR, sampler.choices_seen.pop(trial.number))
+
+
+def is_preferential(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """Whether study ``name`` is a preferential study (``prefer``'s), by optuna-dashboard's mark."""
+    return bool(storage.get_study_system_attrs(storage.get_study_id_from_name(name)).get(PREFERENTIAL_ATTR))
 
 
 def preferred_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -76,8 +92,6 @@ def preferred_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 
 def run_prefer(args: argparse.Namespace) -> int:
-    from sounding_anagrams.cli import quiet_libraries, study_name_of, study_with_overrides
-
     study = study_with_overrides(args)
     if args.candidates < 2:
         raise ConfigError(
@@ -106,10 +120,11 @@ def run_prefer(args: argparse.Namespace) -> int:
 
     rdb = open_storage(storage, heartbeat=False)
     existing = {s.study_name for s in optuna.get_all_study_summaries(rdb)}
+    sampler = sampler_class(seed=study.seed)
     preferential = create_study(
         n_generate=args.candidates,
         storage=rdb,
-        sampler=sampler_class(seed=study.seed),
+        sampler=sampler,
         study_name=name,
         load_if_exists=True,
     )
@@ -124,7 +139,7 @@ def run_prefer(args: argparse.Namespace) -> int:
         for index, point in enumerate(study.start_points[: args.candidates]):
             label = "baseline" if study.baseline and index == 0 else f"start point {index}"
             inner.enqueue_trial(dict(point), user_attrs={"start_point": label})
-    fail_unfinished_candidates(inner)
+    fail_unfinished_candidates(rdb, inner)
 
     if not args.no_dashboard:
         from optuna_dashboard import run_server
@@ -138,14 +153,14 @@ def run_prefer(args: argparse.Namespace) -> int:
         ).start()
         print(
             f"choose in optuna-dashboard, study {name}: "
-            f"http://{args.host}:{args.port}/dashboard/studies/{inner._study_id}\n"
+            f"http://{args.host}:{args.port}/dashboard/studies/{rdb.get_study_id_from_name(name)}\n"
             f"  (storage {shown_url(storage)}, media {location}; Ctrl-C stops)",
             flush=True,
         )
 
     from sounding_anagrams.render import render
     from sounding_anagrams.sampler.models import load_models_for
-    from sounding_anagrams.search.loop import suggest
+    from sounding_anagrams.search.asking import suggest
     from sounding_anagrams.search.media import upload_media
     from sounding_anagrams.search.study import trial_seeds
 
@@ -160,6 +175,7 @@ def run_prefer(args: argparse.Namespace) -> int:
         while preferential.should_generate() and len(inner.get_trials(deepcopy=False)) < trials:
             trial = preferential.ask()
             params = {param.name: suggest(trial, param) for param in study.space}
+            record_choices_seen(sampler, trial)
             seed = trial_seeds(study.seed, trial.number, 1)[0]
             trial.set_user_attr("seeds", [seed])
             asked.append((trial, study.candidate_config(params).replace(seed=seed)))
@@ -208,17 +224,16 @@ def enqueue_top_knob_sets(preferential: optuna.Study, storage: str, searched: st
         )
 
 
-def fail_unfinished_candidates(preferential: optuna.Study) -> None:
+def fail_unfinished_candidates(storage: optuna.storages.BaseStorage, preferential: optuna.Study) -> None:
     """A candidate a stopped run asked but never showed (no clip uploaded) would wait for a choice forever:
     it is failed, so that a fresh one takes its place."""
     from optuna.trial import TrialState
 
     for trial in preferential.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if CLIP_KEY not in trial.user_attrs:
-            preferential._storage.set_trial_user_attr(
-                trial._trial_id, "fail_reason", "cut short before shown"
-            )
-            preferential._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            trial_id = trial_id_of(storage, preferential.study_name, trial.number)
+            storage.set_trial_user_attr(trial_id, "fail_reason", "cut short before shown")
+            storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
 
 
 def export_preferred(study: optuna.Study, out: Path) -> list[Path]:

@@ -3,19 +3,61 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Container, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Container, Mapping, Sequence
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sounding_anagrams.errors import ConfigError
 
-if TYPE_CHECKING:
-    from sounding_anagrams.search.study import StudyConfig
+
+class Knob(Protocol):
+    """A searched knob as a grid sees it (a study's ``ParamSpec``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def grid(self) -> list[Any]: ...
 
 
-def make_sampler(study: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+class PrunerChoice(Protocol):
+    """A study's pruner and its options (its ``PrunerSpec``)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+
+class SearchPlan(Protocol):
+    """The parts of a study (a ``StudyConfig``) that its sampler and pruner are built from.
+
+    A protocol, not the class: study.py builds the sampler as it loads a study (so that bad options are said
+    then), and this module must not import study.py back.
+    """
+
+    @property
+    def source(self) -> str: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def space(self) -> Sequence[Knob]: ...
+
+    @property
+    def sampler(self) -> str: ...
+
+    @property
+    def sampler_options(self) -> Mapping[str, Any]: ...
+
+    @property
+    def pruner(self) -> PrunerChoice: ...
+
+
+def make_sampler(study: SearchPlan, seed: int | None = None) -> optuna.samplers.BaseSampler:
     """The study's Optuna sampler with its options; bad options are a ``ConfigError`` naming them."""
     seed = study.seed if seed is None else seed
     options = dict(study.sampler_options)
@@ -60,7 +102,7 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
         return len(self._get_unvisited_grid_ids(study))
 
 
-def make_pruner(study: StudyConfig) -> optuna.pruners.BasePruner:
+def make_pruner(study: SearchPlan) -> optuna.pruners.BasePruner:
     kinds: dict[str, Any] = {
         "none": optuna.pruners.NopPruner,
         "median": optuna.pruners.MedianPruner,

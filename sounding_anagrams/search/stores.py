@@ -154,6 +154,13 @@ def ensure_database(url: str, *, field: str) -> None:
         print(f"created PostgreSQL database {parsed.database!r} on {parsed.host}", file=sys.stderr)
 
 
+def trial_id_of(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number`` of study ``study_name``: the key of the storage's per-trial
+    methods (``get_trial``, ``record_heartbeat``, ``set_trial_state_values``, ...), found through the
+    storage's public look-ups (Optuna keeps ``trial._trial_id`` and ``study._storage`` private)."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
+
+
 def open_storage(
     url: str,
     *,

@@ -44,8 +44,8 @@ from sounding_anagrams.evaluation.objectives import (
     parse_objectives,
 )
 from sounding_anagrams.files import read_yaml_mapping
-from sounding_anagrams.sampler.views import PERMUTATION
 from sounding_anagrams.validation import NULL_IS_DEFAULT, Rule, StrictModel
+from sounding_anagrams.viewspec import PERMUTATION
 
 SamplerKind = Literal["tpe", "gp", "nsga2", "random", "grid"]
 PrunerKind = Literal["none", "median", "successive_halving"]
@@ -523,6 +523,7 @@ def _study_config(file: StudyFile, source: str) -> StudyConfig:
     points = [baseline_params(study)] if file.baseline else []
     points += _parse_start_points(file.start_points, study)
     study = dataclasses.replace(study, start_points=tuple(points), baseline=file.baseline)
+    # Imported here so that reading study.py (schema.py does) does not load Optuna.
     from sounding_anagrams.search.samplers import make_sampler
 
     make_sampler(study)
@@ -615,7 +616,7 @@ def _check_balances(space: Mapping[str, Distribution], render: RenderConfig) -> 
     for name in space:
         if name not in BALANCE_PARAMS:
             continue
-        views = render.parsed_views() if name == "view_balance" else render.parsed_audio_views()
+        views = render.view_specs() if name == "view_balance" else render.audio_view_specs()
         if len(views) != 2 or any(view.kind != PERMUTATION for view in views):
             raise ConfigError(
                 f"space.{name}",

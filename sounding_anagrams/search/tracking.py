@@ -13,6 +13,7 @@ import html
 import json
 import os
 import subprocess
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -96,8 +97,11 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = self._experiment(experiment, runs_dir)
         # MLflow's UI opens an experiment of this kind on its runs table (not its GenAI overview of traces).
-        self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        self.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         self.parent_run_id: str | None = None
+        # Trial runs this invocation opened and has not ended: the stop path ends them (KILLED).
+        self._open_runs: set[str] = set()
+        self._open_runs_lock = threading.Lock()
 
     def _experiment(self, experiment: str, runs_dir: Path) -> str:
         found = self.client.get_experiment_by_name(experiment)
@@ -133,9 +137,7 @@ class Tracker:
             "selectedColumns": list(columns),
             "runsHiddenMode": "SHOW_ALL",
         }
-        self.client.set_experiment_tag(
-            self.experiment_id, SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(state)
-        )
+        self.set_experiment_tag(SHARED_VIEW_TAG + LEADERBOARD_VIEW, json.dumps(state))
 
     def start_parent(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         run = self.client.create_run(
@@ -148,23 +150,36 @@ class Tracker:
         return self.parent_run_id
 
     def end_dead_parents(self) -> None:
-        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED, and
-        their trial runs still RUNNING: FAILED."""
+        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED; then
+        every trial run still RUNNING whose search run has ended (its process died, or its store refused the
+        last writes of its stop): KILLED. A told trial's run among them is completed by the reconciling."""
         runs = self.client.search_runs(
             [self.experiment_id], "tags.kind = 'search' and attributes.status = 'RUNNING'", max_results=1000
         )
+        alive = set()
         for run in runs:
             tags = run.data.tags
             worker = {"host": tags.get("host"), "pid": tags.get("pid", -1), "boot": tags.get("boot")}
             if run.info.run_id != self.parent_run_id and tags.get("pid") and worker_is_dead(worker):
                 self.client.set_terminated(run.info.run_id, status="KILLED")
-                # Its trial runs that were being logged when it died (or when its store refused a write).
-                for child in self.client.search_runs(
-                    [self.experiment_id],
-                    f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
-                    max_results=1000,
-                ):
-                    self.client.set_terminated(child.info.run_id, status="FAILED")
+            else:
+                alive.add(run.info.run_id)
+        if self.parent_run_id is not None:
+            alive.add(self.parent_run_id)
+        for child in self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=50000
+        ):
+            parent = child.data.tags.get(PARENT_TAG)
+            if "trial" in child.data.tags and parent and parent not in alive:
+                self.client.set_terminated(child.info.run_id, status="KILLED")
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        """Set an experiment tag, whoever else sets it at the same moment: workers started together on one
+        MLflow server race on its first insert, and the loser's insert is refused as a duplicate key."""
+        try:
+            self.client.set_experiment_tag(self.experiment_id, key, value)
+        except MlflowException:
+            self.client.set_experiment_tag(self.experiment_id, key, value)  # the row exists now: an update
 
     def store_artifacts(self, run_id: str, folder: Path) -> None:
         """The trial folder as the run's artifacts, stored once.
@@ -210,7 +225,22 @@ class Tracker:
                 **tags,
             },
         )
+        with self._open_runs_lock:
+            self._open_runs.add(run.info.run_id)
         return run.info.run_id, str(run.info.artifact_uri)
+
+    def end_open_runs(self, status: str = "KILLED") -> list[str]:
+        """End the trial runs this invocation opened and did not finish (the stop path's last word): with
+        their ``pending`` tag still set, the next start completes them from the files. Returns their ids."""
+        with self._open_runs_lock:
+            runs, self._open_runs = sorted(self._open_runs), set()
+        for run_id in runs:
+            self.client.set_terminated(run_id, status=status)
+        return runs
+
+    def _closed(self, run_id: str) -> None:
+        with self._open_runs_lock:
+            self._open_runs.discard(run_id)
 
     def link(self, run_id: str) -> str:
         """A run's UI page on a server; on a local store its artifact folder."""
@@ -325,11 +355,13 @@ class Tracker:
                 self.client.set_tag(run_id, "logging_error", str(error)[:4000])
                 self.client.set_tag(run_id, PENDING_TAG, "false")  # ended, as far as it goes
                 self.client.set_terminated(run_id, status="FAILED")
+                self._closed(run_id)
             except Exception:  # the store itself is what failed (e.g. the disk is full)
                 pass
             raise
         self.client.set_tag(run_id, PENDING_TAG, "false")
         self.client.set_terminated(run_id, status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+        self._closed(run_id)
         return run_id
 
 

@@ -1,0 +1,119 @@
+"""``search`` (one process; ``--workers`` is :mod:`sounding_anagrams.search.fleet`), ``leaderboard`` and
+``export``: a study's search, and what it found."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from sounding_anagrams.commands.common import checked_search, quiet_libraries, study_name_of
+from sounding_anagrams.errors import ConfigError
+
+
+def run_search(args: argparse.Namespace) -> int:
+    tiny = args.models == "tiny"
+    study = checked_search(args)
+
+    from sounding_anagrams.evaluation.evaluate import Scorers
+    from sounding_anagrams.sampler.models import load_models_for
+    from sounding_anagrams.search.loop import SearchRunner
+    from sounding_anagrams.search.opening import SearchSettings, check_stores
+    from sounding_anagrams.search.report import leaderboard_text
+    from sounding_anagrams.search.stopping import StopReason, stop_on_signals
+
+    quiet_libraries()
+    # The stores first: a bad --storage or an MLflow server that does not answer is said in seconds, not
+    # after minutes of loading real weights.
+    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
+    if args.artifact_store is not None:
+        from sounding_anagrams.search.media import open_artifact_store
+
+        open_artifact_store(args.artifact_store)
+    render_config = study.render
+    models = load_models_for(render_config)
+    scorers = Scorers.load(models="tiny" if tiny else None, device=str(models.device))
+    settings = SearchSettings(
+        runs_dir=args.runs,
+        storage=args.storage,
+        trials=args.trials,
+        minutes=args.minutes,
+        batch=args.batch,
+        progress=not args.quiet,
+        max_unet_batch=args.max_unet_batch,
+        tracking_uri=args.tracking_uri,
+        artifact_store=args.artifact_store,
+    )
+    runner = SearchRunner.open(
+        study, models, scorers, settings, study_name=study_name_of(study.name, args.models)
+    )
+    # Ctrl-C and a plain `kill` (SIGTERM) only set the runner's stop flags, which it checks at every denoising
+    # step and wait: the search drains, or on a second signal abandons, through its one stop path.
+    with stop_on_signals(runner.stop_request):
+        summary = runner.run()
+    if summary.stopped_by is StopReason.INTERRUPTED:
+        print(
+            f"interrupted: finished trials are kept in {runner.storage}; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+    states = [o.state.name for o in summary.outcomes]
+    print(
+        f"\n{len(states)} trial(s) this run: "
+        + ", ".join(f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+    )
+    print(leaderboard_text(runner.optuna_study, top=5))
+    print(
+        f"\nOptuna storage: {summary.storage}"
+        f"\nMLflow: {runner.tracker.tracking_uri} (make ui RUNS={args.runs})"
+        f"\nexport the best: sounding-anagrams export {args.study}{' --models tiny' if tiny else ''}"
+        f" --runs {args.runs}"
+    )
+    return 0
+
+
+def _open_study(args: argparse.Namespace) -> Any:
+    if args.storage is None and not (args.runs / "optuna.db").exists():
+        raise ConfigError(
+            "--runs", str(args.runs), "holds no optuna.db: run a search first or pass --runs/--storage"
+        )
+    from sounding_anagrams.search.report import load_study_from_storage
+    from sounding_anagrams.search.stores import default_storage
+
+    storage = args.storage or default_storage(args.runs)
+    name = study_name_of(args.study, args.models)
+    if getattr(args, "prefer", False) and not name.endswith("-prefer"):
+        name += "-prefer"
+    return load_study_from_storage(name, storage)
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
+    formats = ("table", "markdown", "csv", "json")
+    if args.format not in formats:
+        from sounding_anagrams.errors import unknown_name_message
+
+        raise ConfigError("--format", args.format, unknown_name_message("format", args.format, formats))
+    study = _open_study(args)
+    from sounding_anagrams.search.report import leaderboard_text
+
+    print(leaderboard_text(study, top=args.top, tracking_uri=args.tracking_uri, format=args.format))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    study = _open_study(args)
+    from sounding_anagrams.search.prefer import export_preferred, is_preferential
+    from sounding_anagrams.search.report import export_best
+    from sounding_anagrams.search.stores import default_storage, open_storage
+
+    out = args.out or args.runs / "exports"
+    storage = open_storage(args.storage or default_storage(args.runs), heartbeat=False)
+    if is_preferential(storage, study.study_name):  # `prefer`'s study: the candidates the person preferred
+        written = export_preferred(study, out)
+    else:
+        written = export_best(study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri)
+    for path in written:
+        print(f"{path}    (sounding-anagrams render --config {path})")
+    return 0
