@@ -23,15 +23,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from sounding_anagrams.config import RenderConfig  # noqa: E402
-from sounding_anagrams.sampler.models import (  # noqa: E402
-    SD15_SCHEDULE,
-    DiffusionModel,
-    ModelBundle,
-    load_models,
-    tiny_vae,
-    write_tiny_tokenizer,
-)
+from sounding_anagrams.sampler.models import DiffusionModel, ModelBundle, load_models  # noqa: E402
 from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
+from sounding_anagrams.sampler.tiny import SD15_SCHEDULE, tiny_vae, write_tiny_tokenizer  # noqa: E402
 from tests.reference_loop import reference_loop  # noqa: E402
 
 # Stable Diffusion 1.5's UNet (its unet/config.json): 859.5 M parameters.

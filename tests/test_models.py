@@ -14,13 +14,8 @@ from transformers import CLIPTextModel
 from sounding_anagrams.devices import resolve_device
 from sounding_anagrams.errors import ConfigError, ModelLoadError
 from sounding_anagrams.files import looks_like_path
-from sounding_anagrams.sampler.models import (
-    ensure_tiny_models,
-    load_diffusion_model,
-    load_models,
-    resolve_dtype,
-    tiny_cache_dir,
-)
+from sounding_anagrams.sampler.models import load_diffusion_model, load_models, resolve_dtype
+from sounding_anagrams.sampler.tiny import ensure_tiny_models, tiny_cache_dir
 
 
 def test_tiny_preset_is_saved_as_pipeline_folders_and_loaded_back(tiny_models):

@@ -36,7 +36,7 @@ from sounding_anagrams.devices import resolve_device
 from sounding_anagrams.errors import ConfigError, ModelLoadError, one_line
 from sounding_anagrams.evaluation.metrics import alignment, concealment
 from sounding_anagrams.files import looks_like_path
-from sounding_anagrams.sampler.models import ensure_built, tiny_cache_dir, write_byte_level_tokenizer
+from sounding_anagrams.sampler.tiny import ensure_built, tiny_cache_dir, write_byte_level_tokenizer
 
 if TYPE_CHECKING:
     from transformers import ClapConfig
@@ -386,7 +386,7 @@ def _roberta_byte_vocab() -> dict[str, int]:
     Bytes are spelled with GPT-2's byte-to-unicode table (printable bytes as themselves, the others shifted to
     256+), which is what byte-level BPE expects; with no merges every byte stays its own token.
     """
-    from sounding_anagrams.sampler.models import byte_level_chars
+    from sounding_anagrams.sampler.tiny import byte_level_chars
 
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({char: 4 + index for index, char in enumerate(byte_level_chars())})

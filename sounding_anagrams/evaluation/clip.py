@@ -358,7 +358,7 @@ def _add_shared_direction(model: open_clip.CLIP, strength: float) -> None:
 def ensure_tiny_clip() -> Path:
     """The tiny CLIP folder in the tiny cache, built on first use."""
     # Imported here: the sampler's module pulls in diffusers, which scoring alone does not need.
-    from sounding_anagrams.sampler.models import ensure_built, tiny_cache_dir
+    from sounding_anagrams.sampler.tiny import ensure_built, tiny_cache_dir
 
     return ensure_built(tiny_cache_dir() / "clip", build_tiny_clip, marker=CONFIG_FILE)
 
