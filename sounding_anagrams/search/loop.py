@@ -77,7 +77,7 @@ class SearchRunner:
         self.study = opened.study
         self.models = models
         self.settings = settings
-        self.stop_request = StopRequest()  # set by signal handlers (see install_handlers)
+        self.stop_request = StopRequest()  # set by signal handlers (stopping.stop_on_signals)
         self.stop_asking = threading.Event()
         self.abandoned = threading.Event()  # the background stages drop their work
         self.ledger = TrialLedger()
@@ -101,7 +101,7 @@ class SearchRunner:
             opened,
             models,
             self.scorers,
-            progress=settings.progress,  # always: the bar is what the device's progress shows
+            progress=settings.progress,
             max_unet_batch=settings.max_unet_batch,
             check=self.stop_request.check,
         )
