@@ -171,6 +171,7 @@ class DeadWorkers:
         trial older than the heartbeat grace period from elsewhere; a live worker publishes its own trials.
         ``log_trial`` is the publisher's; ``check`` is called between trials (it raises to stop).
         """
+        self.tracker.end_orphaned_trial_runs()
         logged = self.tracker.logged_trials()
         now = time.time()
         for frozen in self.study.get_trials(deepcopy=False, states=FINISHED):

@@ -150,28 +150,41 @@ class Tracker:
         return self.parent_run_id
 
     def end_dead_parents(self) -> None:
-        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED; then
-        every trial run still RUNNING whose search run has ended (its process died, or its store refused the
-        last writes of its stop): KILLED. A told trial's run among them is completed by the reconciling."""
+        """Search runs of this experiment left RUNNING by a process that died on this machine: KILLED, and
+        their trial runs still RUNNING: FAILED."""
         runs = self.client.search_runs(
             [self.experiment_id], "tags.kind = 'search' and attributes.status = 'RUNNING'", max_results=1000
         )
-        alive = set()
         for run in runs:
             tags = run.data.tags
             worker = {"host": tags.get("host"), "pid": tags.get("pid", -1), "boot": tags.get("boot")}
             if run.info.run_id != self.parent_run_id and tags.get("pid") and worker_is_dead(worker):
                 self.client.set_terminated(run.info.run_id, status="KILLED")
-            else:
-                alive.add(run.info.run_id)
-        if self.parent_run_id is not None:
-            alive.add(self.parent_run_id)
-        for child in self.client.search_runs(
+                # Its trial runs that were being logged when it died (or when its store refused a write).
+                for child in self.client.search_runs(
+                    [self.experiment_id],
+                    f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and attributes.status = 'RUNNING'",
+                    max_results=1000,
+                ):
+                    self.client.set_terminated(child.info.run_id, status="FAILED")
+
+    def end_orphaned_trial_runs(self) -> None:
+        """Trial runs still RUNNING whose search run has ended (its store refused the last writes of its
+        stop): KILLED. Once per start, before the reconciling completes the told trials' among them."""
+        alive = {
+            run.info.run_id
+            for run in self.client.search_runs(
+                [self.experiment_id],
+                "tags.kind = 'search' and attributes.status = 'RUNNING'",
+                max_results=1000,
+            )
+        }
+        for run in self.client.search_runs(
             [self.experiment_id], "attributes.status = 'RUNNING'", max_results=50000
         ):
-            parent = child.data.tags.get(PARENT_TAG)
-            if "trial" in child.data.tags and parent and parent not in alive:
-                self.client.set_terminated(child.info.run_id, status="KILLED")
+            parent = run.data.tags.get(PARENT_TAG)
+            if "trial" in run.data.tags and parent and parent not in alive:
+                self.client.set_terminated(run.info.run_id, status="KILLED")
 
     def set_experiment_tag(self, key: str, value: str) -> None:
         """Set an experiment tag, whoever else sets it at the same moment: workers started together on one
