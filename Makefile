@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install browser test render search server ui dashboard prefer leaderboard export bench lint schema clean
+.PHONY: install browser test render search server ui dashboard prefer confirm leaderboard export bench bench-gpu lint schema clean
 
 install: $(STAMP)
 
@@ -57,6 +57,9 @@ server: install
 	$(BIN)/sounding-anagrams server --backend-store-uri $(MLFLOW_DB) --artifacts-destination $(ARTIFACTS) \
 		--host $(HOST) --port $(PORT)
 
+confirm: install
+	$(BIN)/sounding-anagrams confirm studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
+
 leaderboard: install
 	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
@@ -89,6 +92,10 @@ bench: install
 	$(BIN)/python benchmarks/bench_pruning.py
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_pipeline.py
+
+# On a CUDA machine: the measured GPU busy fraction of a 16-trial search (bench_pipeline's part 3) alone.
+bench-gpu: install
+	$(BIN)/python benchmarks/bench_pipeline.py --gpu-only
 
 # The JSON Schemas of study files and configs, which editors read (the tests fail when one is out of date).
 schema: install

@@ -1,29 +1,37 @@
 """Does the device wait for the host? Per-stage times of a candidate, bytes per candidate, and the fraction of
-a 16-trial search's wall time a simulated GPU is busy, with the pipeline's overlap on and off.
+a 16-trial search's wall time a GPU is busy: simulated (two models) and, where CUDA is present, measured.
 
 Part 1 (stages): the tiny models on this machine's CPU, each stage of one candidate timed by itself.
 
-Part 2 (SIMULATED DEVICE): every model forward is replaced by a stand-in that takes the time an H100 would,
-computed from its work at an assumed 400 TFLOP/s dense fp16 (an H100 SXM runs near that on these
-convolutions): a UNet sample-forward of SD 1.5 / Auffusion at 256x1024 is 0.803 TFLOP (2.0 ms), a VAE decode
-of a 256x1024 canvas 1.24 TFLOP (3.1 ms), the vocoder and the CLIP/CLAP judges about 1 ms a candidate. The
-forwards of all threads go on one device timeline, as on one GPU (see :class:`SimulatedDevice` for the two
-models of launching: the issue's "sleep until done" and CUDA's asynchronous launches with a high-priority side
-stream for the background threads). The stand-ins' outputs are made cheaply on the host (zeros; pictures
-drawn once), so "busy" is only the modelled time. Everything else (the sampler's own arithmetic, views,
-files, clip encoding, Optuna, MLflow, the designed judges' arithmetic) is real and runs on this machine. The
-busy fraction is the device time over the wall time of ``SearchRunner.run``, from its first line to its
-study pictures.
+Part 2 (OLD SIMULATED DEVICE, kept so the difference is seen): every model forward is replaced by a stand-in
+that takes the time an H100 would from its FLOPs at 400 TFLOP/s (a UNet sample-forward of SD 1.5 / Auffusion
+at 256x1024 is 0.803 TFLOP, 2.0 ms; a VAE decode "1.24 TFLOP", 3.1 ms; the vocoder and the judges 1 ms a
+candidate), launched for free; the judges are the tests' designed ones; the vocoder returns silence. See
+:class:`SimulatedDevice` for its two models of launching (blocking, and CUDA's asynchronous launches with a
+high-priority side stream for the background threads).
 
-Part 3 (MEASURED, only where CUDA is present): the same 16-trial search for real on the GPU, with models of
-the real sizes and random weights (no weights can be downloaded here; speed does not depend on their values):
-two SD 1.5-size UNets and CLIP ViT-L-size text encoders (``bench_sampler.real_size_models``), an SD-size VAE
-and a HiFi-GAN of Auffusion's vocoder layout, fp16; the judges are the tiny CLIP and CLAP on the GPU. Every
-model forward is bracketed by CUDA events on the stream it runs on; the busy time is the union of those
-intervals (an upper bound of kernel time: launch gaps inside one forward count as busy), over the wall time
+Part 2b (FAIR SIMULATED DEVICE, :mod:`benchmarks.fair_device`): each forward charges the host its eager
+launch cost as busy CPU and the device its kernels' time from FLOPs and bytes moved, both measured on
+real-size models by :mod:`benchmarks.device_costs`; the real CLIP and CLAP scorers run their preprocessing at
+real sizes with only their networks stubbed; the stand-ins' outputs depend on their inputs, so the objective
+varies and the pruner prunes; the background threads' device work waits for its ``after=`` event. Swept over
+device speeds, for ``rotate``, ``hybrid`` and ``dpmsolver`` (rotate with DPM-Solver++ at half the steps),
+each the median of ``--repeats`` runs.
+
+Part 3 (MEASURED, only where CUDA is present; ``--gpu-only`` runs it alone, about 3 minutes on an H100 by the
+fair model's figures plus model building): the same 16-trial search for real on the GPU, with models of the
+real sizes and random weights (no weights can be downloaded here; speed does not depend on their values): two
+SD 1.5-size UNets and CLIP ViT-L-size text encoders (``bench_sampler.real_size_models``), an SD-size VAE and a
+HiFi-GAN of Auffusion's vocoder layout, fp16; the judges are the tiny CLIP and CLAP on the GPU. Busy is the
+union of the kernels' own intervals from ``torch.profiler`` (CUDA activity, every stream) over the wall time
 of ``SearchRunner.run``.
 
-Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--skip-stages] [--skip-simulation]``.
+Every search here runs the trials only (``SearchSettings(confirm=False)``): the confirmation stage after them
+is plain batched rendering.
+
+Usage: ``python benchmarks/bench_pipeline.py [--trials 16] [--steps 50] [--repeats 3]
+[--studies rotate,hybrid,dpmsolver] [--tflops 200,400,800] [--skip-stages] [--skip-old] [--skip-fair]
+[--gpu-only]``.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from benchmarks.device_costs import measure_all, print_table  # noqa: E402
+from benchmarks.fair_device import fair_search  # noqa: E402
 from sounding_anagrams import render as render_module  # noqa: E402
 from sounding_anagrams.animation import transition_frames, write_mp4  # noqa: E402
 from sounding_anagrams.config import RenderConfig  # noqa: E402
@@ -68,7 +78,7 @@ from sounding_anagrams.search import judging as judging_module  # noqa: E402
 from sounding_anagrams.search import sampling as sampling_module  # noqa: E402
 from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
 from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
-from sounding_anagrams.search.study import load_study  # noqa: E402
+from sounding_anagrams.search.study import StudyConfig, load_study  # noqa: E402
 from sounding_anagrams.search.tracking import Tracker  # noqa: E402
 from tests.designed_judges import designed_judges  # noqa: E402
 
@@ -323,7 +333,9 @@ def busy_fraction(trials: int, steps: int, *, overlap: bool, asynchronous: bool)
             study,
             models,
             SleepingJudges(device),
-            SearchSettings(runs_dir=Path(runs), trials=trials, progress=False, overlap=overlap),
+            SearchSettings(
+                runs_dir=Path(runs), trials=trials, progress=False, overlap=overlap, confirm=False
+            ),
         )
         device.busy, device.first = 0.0, math.inf
         started = time.perf_counter()
@@ -333,41 +345,6 @@ def busy_fraction(trials: int, steps: int, *, overlap: bool, asynchronous: bool)
 
 
 # -- part 3: measured on a real GPU ------------------------------------------------------------------------
-
-
-class ForwardTimeline:
-    """CUDA events around every model forward, on the stream each runs on; ``busy`` is their union."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.origin = torch.cuda.Event(enable_timing=True)
-
-    def wrap(self, forward: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()  # on this thread's current stream: the sampler's, or a side stream
-            out = forward(*args, **kwargs)
-            end.record()
-            with self.lock:
-                self.pairs.append((start, end))
-            return out
-
-        return timed
-
-    def busy(self) -> tuple[float, float]:
-        """(busy seconds, first forward's start in seconds after ``origin``), after a synchronize."""
-        torch.cuda.synchronize()
-        spans = sorted(
-            (self.origin.elapsed_time(start) / 1e3, self.origin.elapsed_time(end) / 1e3)
-            for start, end in self.pairs
-        )
-        total, reach = 0.0, -math.inf
-        for begin, finish in spans:
-            if finish > reach:
-                total += finish - max(begin, reach)
-                reach = finish
-        return total, spans[0][0] if spans else math.nan
 
 
 def real_size_bundle(device: torch.device, dtype: torch.dtype) -> ModelBundle:
@@ -406,15 +383,30 @@ def real_size_bundle(device: torch.device, dtype: torch.dtype) -> ModelBundle:
     return models
 
 
-def measured_busy_fraction(trials: int, steps: int) -> Busy:
-    """One search of ``trials`` trials on the GPU with real-size random models (MEASURED)."""
+@dataclasses.dataclass
+class Measured(Busy):
+    kernels: int = 0
+
+
+def kernel_union(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` intervals: time when at least one kernel ran."""
+    total, reach = 0.0, -math.inf
+    for begin, finish in sorted(intervals):
+        if finish > reach:
+            total += finish - max(begin, reach)
+            reach = finish
+    return total
+
+
+def measured_busy_fraction(trials: int, steps: int) -> Measured:
+    """One search of ``trials`` trials on the GPU with real-size random models (MEASURED): the union of the
+    kernels' times from ``torch.profiler`` (CUDA activity only: no per-operator host overhead; every
+    stream), over the wall time of ``SearchRunner.run``. Not CUDA-event brackets around forwards: those count
+    the launch gaps inside a forward as busy."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
     models = real_size_bundle(torch.device("cuda"), torch.float16)
-    timeline = ForwardTimeline()
-    for model in (models.image, models.audio):
-        model.unet.forward = timeline.wrap(model.unet.forward)  # type: ignore[method-assign]
-        model.vae.decode = timeline.wrap(model.vae.decode)  # type: ignore[method-assign]
-    assert models.vocoder is not None
-    models.vocoder.forward = timeline.wrap(models.vocoder.forward)  # type: ignore[method-assign]
     judges = Scorers.load(models="tiny", device="cuda")
     study = load_study(REPO / "studies" / "rotate.yaml")
     study = dataclasses.replace(
@@ -423,67 +415,146 @@ def measured_busy_fraction(trials: int, steps: int) -> Busy:
     )
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-cuda-") as runs:
         runner = SearchRunner.open(
-            study, models, judges, SearchSettings(runs_dir=Path(runs), trials=trials, progress=False)
+            study,
+            models,
+            judges,
+            SearchSettings(runs_dir=Path(runs), trials=trials, progress=False, confirm=False),
         )
+        marker = torch.ones(1, device="cuda")
         torch.cuda.synchronize()
-        timeline.origin.record()
-        started = time.perf_counter()
-        runner.run()
-        ended = time.perf_counter()
-    busy, first = timeline.busy()
-    last = max((timeline.origin.elapsed_time(end) / 1e3 for _, end in timeline.pairs), default=math.nan)
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            # One one-element kernel before and one after the run: the kernels' own clock marks its ends.
+            marker.add_(1)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            runner.run()
+            torch.cuda.synchronize()
+            ended = time.perf_counter()
+            marker.add_(1)
+            torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start / 1e6, e.time_range.end / 1e6)
+        for e in profiler.events()
+        if e.device_type == DeviceType.CUDA
+    )
     wall = ended - started
-    return Busy(busy, wall, first, max(0.0, wall - last))
+    opened, closed, work = kernels[0], kernels[-1], kernels[1:-1]
+    if not work:
+        return Measured(0.0, wall, math.nan, math.nan, 0)
+    start = work[0][0] - opened[1]
+    drain = closed[0] - max(end for _, end in work)
+    return Measured(kernel_union(work), wall, start, max(0.0, drain), len(work))
+
+
+def study_variant(name: str, steps: int) -> StudyConfig:
+    """A shipped study with the tiny models' stand-ins: ``rotate``, ``hybrid``, or ``dpmsolver`` (rotate with
+    DPM-Solver++ at half the steps, its usual count)."""
+    study = load_study(REPO / "studies" / f"{'rotate' if name == 'dpmsolver' else name}.yaml")
+    steps = max(2, steps // 2) if name == "dpmsolver" else steps
+    render = study.render.replace(
+        image_model="tiny",
+        audio_model="tiny",
+        num_inference_steps=steps,
+        image_start_step=min(study.render.image_start, steps - 1),  # a smoke run's few steps
+    )
+    if name == "dpmsolver":
+        render = render.replace(scheduler="dpmsolver++")
+    return dataclasses.replace(study, render=render)
+
+
+def old_model_table(trials: int, steps: int, repeats: int) -> None:
+    """Part 2: the old model (constant FLOP-based times, free launches, designed judges), median of
+    ``repeats`` runs."""
+    print(
+        f"\nOLD SIMULATED DEVICE (kept for comparison; see the docstring): studies/rotate.yaml, {trials} "
+        f"trials, {steps} steps, {H100_FLOPS / 1e12:.0f} TFLOP/s, median of {repeats} (all runs in brackets)"
+    )
+    print("| pipeline | launches | simulated device busy | first to last forward | device s | wall s |")
+    print("|---|---|---|---|---|---|")
+    for overlap, asynchronous in ((False, False), (True, True)):
+        runs = [
+            busy_fraction(trials, steps, overlap=overlap, asynchronous=asynchronous) for _ in range(repeats)
+        ]
+        run = sorted(runs, key=lambda r: r.whole)[len(runs) // 2]
+        each = ", ".join(f"{100 * r.whole:.0f}" for r in runs)
+        pipeline = "overlapped (judge, publish, previews in the background)" if overlap else "serial"
+        launches = "asynchronous (CUDA)" if asynchronous else "blocking (sleep per forward)"
+        print(
+            f"| {pipeline} | {launches} | {100 * run.whole:.1f}% ({each}) | {100 * run.between:.1f}% "
+            f"| {run.busy:.1f} | {run.wall:.1f} |"
+        )
+
+
+def fair_model_table(studies: list[str], speeds: list[float], trials: int, steps: int, repeats: int) -> None:
+    """Part 2b: the fair device model, each study at each speed, median of ``repeats`` runs."""
+    costs = measure_all()
+    print("\nFAIR DEVICE MODEL: the modules' costs (benchmarks/device_costs.py, measured now)")
+    print_table(costs)
+    print(
+        f"\nFAIR SIMULATED DEVICE (benchmarks/fair_device.py): {trials} trials, {steps} steps "
+        f"(dpmsolver: {max(2, steps // 2)}), median of {repeats} runs (all runs in brackets)"
+    )
+    print(
+        "| study | TFLOP/s | device busy | first to last forward | pruned trials | device s | wall s "
+        "| start s | drain s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in studies:
+        study = study_variant(name, steps)
+        for flops in speeds:
+            runs = [fair_search(study, costs, flops, trials) for _ in range(repeats)]
+            run = sorted(runs, key=lambda r: r.fraction)[len(runs) // 2]
+            each = ", ".join(f"{100 * r.fraction:.0f}" for r in runs)
+            pruned = ", ".join(str(r.pruned) for r in runs)
+            print(
+                f"| {name} | {flops / 1e12:.0f} | {100 * run.fraction:.1f}% ({each}) "
+                f"| {100 * run.between:.1f}% | {run.pruned} ({pruned}) | {run.busy:.1f} | {run.wall:.1f} "
+                f"| {run.start:.1f} | {run.drain:.1f} |",
+                flush=True,
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--studies", default="rotate,hybrid,dpmsolver")
+    parser.add_argument("--tflops", default="200,400,800", help="device speeds of the fair model's sweep")
     parser.add_argument("--skip-stages", action="store_true")
-    parser.add_argument("--skip-simulation", action="store_true")
+    parser.add_argument("--skip-old", action="store_true", help="skip the old simulated device")
+    parser.add_argument("--skip-fair", action="store_true", help="skip the fair simulated device")
+    parser.add_argument("--gpu-only", action="store_true", help="only part 3, the measured GPU run")
     args = parser.parse_args()
     torch.manual_seed(0)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"# bench_pipeline {datetime.date.today()}, {os.cpu_count()} CPU cores, torch {torch.__version__}")
-    if not args.skip_stages:
+    if not (args.skip_stages or args.gpu_only):
         stage_table(load_models("tiny", "tiny", device="cpu", dtype="float32"), args.steps)
     if torch.cuda.is_available():
         run = measured_busy_fraction(args.trials, args.steps)
         print(
             f"\nMEASURED on {torch.cuda.get_device_name()}: real-size random-weight models in fp16, "
-            f"studies/rotate.yaml, {args.trials} trials, {args.steps} steps"
+            f"studies/rotate.yaml, {args.trials} trials, {args.steps} steps; busy = the union of the "
+            "kernels' times (torch.profiler) over the wall time of SearchRunner.run"
         )
         print(
-            "| device busy (model forwards) | first to last forward | device s | wall s | start s | drain s |"
+            "| GPU busy (kernels) | first to last kernel | kernel s | wall s | start s | drain s | kernels |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         print(
             f"| {100 * run.whole:.1f}% | {100 * run.between:.1f}% | {run.busy:.1f} | {run.wall:.1f} "
-            f"| {run.start:.1f} | {run.drain:.1f} |"
+            f"| {run.start:.1f} | {run.drain:.1f} | {run.kernels} |"
         )
     else:
         print("\nno CUDA device: the measured GPU busy fraction (part 3) did not run")
-    if args.skip_simulation:
+    if args.gpu_only:
         return
-    print(
-        f"\nSIMULATED DEVICE (model forwards take their H100 time at {H100_FLOPS / 1e12:.0f} TFLOP/s; "
-        f"see the docstring): studies/rotate.yaml (4 seeds a trial, batch 8, previews at 40%/70%, median "
-        f"pruner), {args.trials} trials, {args.steps} steps"
-    )
-    print(
-        "| pipeline | launches | simulated device busy | first to last forward | device s | wall s | start s "
-        "| drain s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for overlap, asynchronous in ((False, False), (True, False), (True, True)):
-        run = busy_fraction(args.trials, args.steps, overlap=overlap, asynchronous=asynchronous)
-        pipeline = "overlapped (judge, publish, previews in the background)" if overlap else "serial"
-        launches = "asynchronous (CUDA)" if asynchronous else "blocking (sleep per forward)"
-        print(
-            f"| {pipeline} | {launches} | {100 * run.whole:.1f}% | {100 * run.between:.1f}% "
-            f"| {run.busy:.1f} | {run.wall:.1f} | {run.start:.1f} | {run.drain:.1f} |"
-        )
+    if not args.skip_old:
+        old_model_table(args.trials, args.steps, args.repeats)
+    if not args.skip_fair:
+        speeds = [float(x) * 1e12 for x in args.tflops.split(",")]
+        fair_model_table(args.studies.split(","), speeds, args.trials, args.steps, args.repeats)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as runs:
             config = parse_study(study(args.trials, args.steps, pruned), source="bench", tiny=True)
             runner = SearchRunner.open(
-                config, models, judges, SearchSettings(runs_dir=Path(runs), progress=False)
+                config, models, judges, SearchSettings(runs_dir=Path(runs), progress=False, confirm=False)
             )
             start = time.perf_counter()
             summary = runner.run()

@@ -147,7 +147,7 @@ def main() -> None:
             study = study_for(design, args.renders, args.seeds, study_seed=1000 + repeat)
             with tempfile.TemporaryDirectory() as runs:
                 runner = SearchRunner.open(
-                    study, models, judges, SearchSettings(runs_dir=Path(runs), progress=False)
+                    study, models, judges, SearchSettings(runs_dir=Path(runs), progress=False, confirm=False)
                 )
                 start = time.perf_counter()
                 runner.run()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from sounding_anagrams.commands.common import finite_float
 from sounding_anagrams.commands.evaluate import run_evaluate
 from sounding_anagrams.commands.render import RENDER_FLAGS, run_render
-from sounding_anagrams.commands.search import run_export, run_leaderboard, run_search
+from sounding_anagrams.commands.search import run_confirm, run_export, run_leaderboard, run_search
 from sounding_anagrams.errors import (
     DiskFullError,
     SoundingAnagramsError,
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_render_parser(commands)
     add_evaluate_parser(commands)
     add_search_parser(commands)
+    add_confirm_parser(commands)
     add_leaderboard_parser(commands)
     add_export_parser(commands)
     add_ui_parser(commands)
@@ -151,12 +152,36 @@ def add_search_parser(commands: Commands) -> None:
     )
     search.add_argument("--quiet", action="store_true", help="no progress bars")
     search.add_argument(
+        "--no-confirm",
+        dest="confirm",
+        action="store_false",
+        help="skip the study's confirmation stage at the end (run `sounding-anagrams confirm` later)",
+    )
+    search.add_argument(
         "--workers",
         type=int,
         default=1,
         help="worker processes on this machine, all on one study: one per GPU (CUDA_VISIBLE_DEVICES), "
         "their logs under <runs>/workers/",
     )
+
+
+def add_confirm_parser(commands: Commands) -> None:
+    text = "render a study's top knob sets on held-out seeds, which no trial used, and name the winner"
+    confirm = commands.add_parser(
+        "confirm",
+        help=text,
+        description=text + ". A search does this at its end (the study's confirm:); this runs it again, "
+        "e.g. after a search stopped by --no-confirm, or with more knob sets or seeds.",
+    )
+    confirm.add_argument("study", type=Path, help="the study file searched, e.g. studies/rotate.yaml")
+    confirm.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
+    confirm.add_argument("--top", type=int, default=None, help="knob sets to confirm (default: the study's)")
+    confirm.add_argument("--seeds", type=int, default=None, help="held-out seeds each (default: the study's)")
+    confirm.add_argument("--batch", type=int, default=None, help="renders per batched sampler call")
+    _add_runs_arguments(confirm)
+    confirm.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
+    confirm.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_leaderboard_parser(commands: Commands) -> None:
@@ -348,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from sounding_anagrams.search.fleet import run_server
 
             return run_server(args)
+        if args.command == "confirm":
+            return run_confirm(args)
         if args.command == "leaderboard":
             return run_leaderboard(args)
         if args.command == "export":

@@ -63,4 +63,5 @@ JUDGED_STUDY = {
     "seeds_per_trial": 2,
     "batch": 4,  # renders per sampler call: 2 trials x 2 seeds
     "budget": {"trials": 4},
+    "confirm": False,  # tests/test_confirmation.py turns it on
 }

@@ -25,7 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
             ["--repeats", "1", "--renders", "4", "--seeds", "2", "--fresh", "2"],
             "(c) M seeds",
         ),
-        ("bench_pipeline.py", ["--trials", "2", "--steps", "4", "--skip-stages"], "| overlapped"),
+        (
+            "bench_pipeline.py",
+            ["--trials", "2", "--steps", "4", "--skip-stages", "--repeats", "1", "--tflops", "400"],
+            "| dpmsolver | 400 |",  # the fair model's last row, after the old model's
+        ),
     ],
 )
 def test_the_benchmark_runs_on_its_smallest_arguments(script: str, arguments: list[str], prints: str):

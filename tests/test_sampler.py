@@ -419,7 +419,9 @@ def test_out_of_memory_retries_the_call_smaller_then_grows_back(tiny_models, cap
     assert oom.sizes[:3] == [8, 4, 4]
     assert max(oom.sizes[3:]) == 8 and oom.sizes[-1] == 8
     assert sampler.unet_chunk is None  # back to max_unet_batch's
-    torch.testing.assert_close(output.latents, whole.latents, atol=1e-5, rtol=1e-5)
+    # A batch cut in two rounds differently in fp32 (1.5e-5 seen over 6 steps); a lost or doubled sample
+    # would be off by O(1).
+    torch.testing.assert_close(output.latents, whole.latents, atol=1e-4, rtol=1e-3)
     assert "CUDA out of memory: UNet calls take at most 4 samples for the next 3 calls" in caplog.text
     # It never grows past max_unet_batch, and out of memory at 2 samples is raised.
     with OutOfMemoryOnce(tiny_models, limit=1, times=100), pytest.raises(torch.cuda.OutOfMemoryError):

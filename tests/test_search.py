@@ -29,7 +29,8 @@ from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner
 from sounding_anagrams.search.opening import SearchSettings
 from sounding_anagrams.search.report import seed_spread, single_renders
-from sounding_anagrams.search.study import load_study, parse_study, trial_seeds
+from sounding_anagrams.search.seeds import seed_bank, trial_seeds
+from sounding_anagrams.search.study import load_study, parse_study
 from sounding_anagrams.search.workers import ORPHANED
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
@@ -72,9 +73,10 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
     assert trials[1].params == {"audio_weight": 0.75, "image_guidance_scale": 2.0}
     assert trials[1].user_attrs["start_point"] == "start point 1"
     for trial in trials:
-        # Seeds come from (study seed, trial number, index), never from the sampler, and are logged.
+        # Paired seeds (the default): every trial renders the study's seed bank, never the sampler's choice,
+        # and they are logged.
         assert "seed" not in trial.params
-        assert trial.user_attrs["seeds"] == trial_seeds(0, trial.number, 2)
+        assert trial.user_attrs["seeds"] == seed_bank(0, 2)
         per_seed = trial.user_attrs["seed_values"]
         assert len(per_seed) == 2 and trial.values[0] == pytest.approx(np.mean([v[0] for v in per_seed]))
         for k, seed in enumerate(trial.user_attrs["seeds"]):
@@ -140,6 +142,7 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
 # A study the median pruner prunes in, whose sampler models the history from the third trial on.
 PRUNED_STUDY = {
     **STUDY,
+    "seeds": "independent",  # each trial draws its own seeds (what studies did before pairing)
     "sampler": {"type": "tpe", "n_startup_trials": 2},
     "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
     "previews": [0.5],
@@ -175,6 +178,8 @@ def test_pruned_candidates_stop_rendering_and_save_unet_work(
     unpruned = plain.run()
     states = [o.state for o in pruned.outcomes]
     assert TrialState.PRUNED in states, states
+    for trial in pruned_runner.optuna_study.get_trials():  # seeds: independent
+        assert trial.user_attrs["seeds"] == trial_seeds(0, trial.number, 2)
     for outcome in pruned.outcomes:
         if outcome.state == TrialState.PRUNED:
             # A pruned trial stops all its seeds mid-way; it keeps the x0 previews it was pruned on (no clip).
@@ -356,6 +361,16 @@ def test_export_then_render_reproduces_the_best_candidate(
     board_json = json.loads(capsys.readouterr().out)
     assert board_json["knob_sets"][0]["trial"] == best.number and board_json["seeds_per_trial"] == 2
     assert board_json["best_renders"][0]["seed value"] == top_render.seed
+    # Paired seeds: each knob set's mean difference to the leader on the seeds both rendered.
+    second = board_json["knob_sets"][1]
+    other = runner.optuna_study.trials[second["trial"]]
+    pairs = zip(other.user_attrs["seed_values"], best.user_attrs["seed_values"], strict=True)
+    paired = [a[0] - b[0] for a, b in pairs]
+    assert second["vs leader"] == pytest.approx(np.mean(paired)) and second["vs leader seeds"] == 2
+    assert second["vs leader ±95%"] > 0 and board_json["knob_sets"][0]["vs leader"] == 0
+    assert "vs leader, same seeds (±95%)" in knob_sets
+    second_row = next(line for line in knob_sets.splitlines() if line.startswith("2 "))
+    assert f"{np.mean(paired):+.4f} ±" in second_row
     assert main(["leaderboard", "unit", "--runs", str(tmp_path), "--format", "markdown"]) == 0
     markdown = capsys.readouterr().out
     assert "### knob sets, ranked by the mean over their seeds" in markdown
@@ -558,7 +573,7 @@ def test_two_workers_one_killed_mid_trial_lose_and_duplicate_nothing(tmp_path: P
         retry = [t for t in trials if t.user_attrs.get("retry_of") == trial.number]
         assert len(retry) == 1 and trial.params.items() <= retry[0].params.items()
         assert retry[0].user_attrs["seeds"] == trial.user_attrs.get("seeds", retry[0].user_attrs["seeds"])
-        assert retry[0].user_attrs["seeds"] == trial_seeds(0, trial.number, 2)
+        assert retry[0].user_attrs["seeds"] == seed_bank(0, 2)  # studies/rotate.yaml pairs its seeds
     finished = [t for t in trials if t.state.is_finished()]
     assert len(finished) - len(dead) - len(orphans) == budget
     folders = [t.user_attrs.get("trial_folder") for t in finished if "trial_folder" in t.user_attrs]

@@ -179,13 +179,30 @@ def test_search_command_reports_a_bad_study_file_and_exits_2(tmp_path: Path, cap
 
 
 def test_seeds_are_derived_not_proposed_and_differ_by_trial_and_index():
-    from sounding_anagrams.search.study import trial_seeds
+    from sounding_anagrams.search.seeds import trial_seeds
 
     seeds = trial_seeds(0, 7, 4)
     assert seeds == trial_seeds(0, 7, 4)  # deterministic: the export re-renders them
     assert len(set(seeds)) == 4 and all(0 <= s < 2**32 for s in seeds)
     assert trial_seeds(0, 8, 4) != seeds and trial_seeds(1, 7, 4) != seeds
     assert trial_seeds(0, 7, 2) == seeds[:2]  # seed k of a trial does not depend on M
+
+
+def test_paired_seeds_are_one_bank_for_the_whole_study_and_apart_from_independent_ones():
+    from sounding_anagrams.search.seeds import render_seeds, seed_bank, trial_seeds
+
+    study = parse_study({**BASE, "seeds_per_trial": 4, "batch": 4})
+    assert study.seeds == "paired"  # the default
+    bank = seed_bank(0, 4)
+    assert render_seeds(study, 0) == render_seeds(study, 17) == bank  # every trial, the same seeds
+    assert seed_bank(0, 2) == bank[:2] and seed_bank(1, 4) != bank and len(set(bank)) == 4
+    # The bank's spawn keys are not any trial's: no paired seed is an independent one of trials 0..99.
+    assert not set(bank) & {s for n in range(100) for s in trial_seeds(0, n, 4)}
+    independent = parse_study({**BASE, "seeds_per_trial": 4, "batch": 4, "seeds": "independent"})
+    assert render_seeds(independent, 7) == trial_seeds(0, 7, 4) != render_seeds(independent, 8)
+    with pytest.raises(ConfigError) as error:
+        parse_study({**BASE, "seeds": "shared"}, source="s.yaml")
+    assert str(error.value).startswith("s.yaml: seeds='shared'") and "'paired'" in str(error.value)
 
 
 def test_sampler_options_and_the_gp_sampler():
@@ -297,7 +314,7 @@ def test_study_pictures_say_what_they_show(tmp_path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sounding_anagrams.search.report import readable, sheet_headers
+    from sounding_anagrams.search.pictures import readable, sheet_headers
 
     (tmp_path / "config.yaml").write_text(
         "views: [identity, tile_rotate_cw]\nimage_prompts: [a garden, a helicopter]\n"

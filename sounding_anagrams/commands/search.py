@@ -43,6 +43,7 @@ def run_search(args: argparse.Namespace) -> int:
         max_unet_batch=args.max_unet_batch,
         tracking_uri=args.tracking_uri,
         artifact_store=args.artifact_store,
+        confirm=args.confirm,
     )
     runner = SearchRunner.open(
         study, models, scorers, settings, study_name=study_name_of(study.name, args.models)
@@ -69,6 +70,69 @@ def run_search(args: argparse.Namespace) -> int:
         f"\nexport the best: sounding-anagrams export {args.study}{' --models tiny' if tiny else ''}"
         f" --runs {args.runs}"
     )
+    return 0
+
+
+def run_confirm(args: argparse.Namespace) -> int:
+    """``confirm``: the stored study's top knob sets rendered on held-out seeds, then the leaderboard."""
+    import dataclasses
+    import time
+
+    from optuna.trial import TrialState
+
+    from sounding_anagrams.commands.common import study_with_overrides
+    from sounding_anagrams.search.study import Confirm
+
+    study = study_with_overrides(args)
+    for flag, value, low in (("--top", args.top, 1), ("--seeds", args.seeds, 2), ("--batch", args.batch, 1)):
+        if value is not None and value < low:
+            raise ConfigError(flag, value, f"must be at least {low}")
+    spec = study.confirm or Confirm()
+    spec = Confirm(top=args.top or spec.top, seeds=args.seeds or spec.seeds)
+    study = dataclasses.replace(study, confirm=spec)
+    name = study_name_of(study.name, args.models)
+    stored = _open_study(argparse.Namespace(**{**vars(args), "study": name, "models": None}))
+    if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise ConfigError("study", name, "has no completed trial to confirm yet: run its search first")
+
+    from sounding_anagrams.evaluation.evaluate import Scorers
+    from sounding_anagrams.sampler.models import load_models_for
+    from sounding_anagrams.search.confirmation import confirm_top
+    from sounding_anagrams.search.opening import SearchSettings, check_stores, open_search
+    from sounding_anagrams.search.report import leaderboard_text
+
+    quiet_libraries()
+    settings = SearchSettings(
+        runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri, progress=not args.quiet
+    )
+    check_stores(settings)
+    opened = open_search(study, settings, name)
+    models = load_models_for(study.render)
+    scorers = Scorers.load(models="tiny" if args.models == "tiny" else None, device=str(models.device))
+    opened.tracker.start_parent(
+        f"confirm {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        {"top": spec.top, "held_out_seeds": spec.seeds},
+        {"confirmation": "true"},
+    )
+    try:
+        made = confirm_top(
+            study,
+            opened.optuna_study,
+            opened.url,
+            models,
+            scorers,
+            opened.tracker,
+            opened.render_root,
+            batch=args.batch or study.batch,
+            progress=not args.quiet,
+        )
+    except BaseException:
+        opened.tracker.end_parent("KILLED")
+        raise
+    opened.tracker.end_parent()
+    already = "" if made else " (the top ones were confirmed already)"
+    print(f"confirmed {len(made)} knob set(s) on {spec.seeds} held-out seeds{already}")
+    print(leaderboard_text(opened.optuna_study, top=max(5, spec.top)))
     return 0
 
 

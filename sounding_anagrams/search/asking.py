@@ -28,8 +28,9 @@ from sounding_anagrams.files import folder_bytes
 from sounding_anagrams.search.lifecycle import DeadWorkers, Heartbeats
 from sounding_anagrams.search.opening import OpenedSearch
 from sounding_anagrams.search.samplers import AskTellGridSampler
+from sounding_anagrams.search.seeds import render_seeds
 from sounding_anagrams.search.stores import ask_lock
-from sounding_anagrams.search.study import ParamSpec, trial_seeds
+from sounding_anagrams.search.study import ParamSpec
 from sounding_anagrams.search.telling import Teller
 from sounding_anagrams.search.trials import FINISHED, Batch, TrialOutcome, TrialPlan
 from sounding_anagrams.search.workers import is_cut_short, this_worker
@@ -72,6 +73,7 @@ class Asker:
         minutes: float | None,
         stop: threading.Event,
         judge_stopped: Callable[[], bool],
+        reserve: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self.opened = opened
         self.teller = teller
@@ -80,6 +82,7 @@ class Asker:
         self.per_call = per_call  # trials per sampler call
         self.target = target
         self.deadline = time.monotonic() + 60 * minutes if minutes else math.inf
+        self.reserve = reserve  # seconds of the time budget kept for what follows the trials (confirmation)
         self.stop = stop
         self.judge_stopped = judge_stopped
 
@@ -87,7 +90,7 @@ class Asker:
         """The next batch to sample (None: the budget or the time is spent, or the search stops)."""
         study = self.opened.optuna_study
         self.wait_told(settled)
-        while time.monotonic() < self.deadline and not self.stop.is_set():
+        while time.monotonic() < self.deadline - self.reserve() and not self.stop.is_set():
             self.dead_workers.fail_stale_trials()
             # Counting and asking under the study's ask lock, which every worker on every machine takes:
             # together they never ask more trials than the budget has left.
@@ -154,9 +157,7 @@ class Asker:
         seeds = (
             [config.seed]
             if "seed" in params
-            else trial_seeds(
-                study.seed, trial.number if retry_of is None else retry_of, study.seeds_per_trial
-            )
+            else render_seeds(study, trial.number if retry_of is None else retry_of)
         )
         trial.set_user_attr("seeds", seeds)
         return TrialPlan(trial, config, seeds, [config.replace(seed=seed) for seed in seeds])

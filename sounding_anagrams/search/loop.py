@@ -35,6 +35,7 @@ from sounding_anagrams.errors import DiskFullError, SoundingAnagramsError, is_di
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.search.asking import Asker, counted_trials
+from sounding_anagrams.search.confirmation import Confirmation, confirm_top
 from sounding_anagrams.search.judging import Judge, SharedScorers
 from sounding_anagrams.search.lifecycle import DeadWorkers, Heartbeats
 from sounding_anagrams.search.opening import OpenedSearch, SearchSettings, open_search
@@ -106,6 +107,7 @@ class SearchRunner:
             check=self.stop_request.check,
         )
         self.study_pictures: Future[tuple[list[Path], dict[str, float]]] | None = None
+        self.confirmations: list[Confirmation] = []
 
     @classmethod
     def open(
@@ -182,9 +184,11 @@ class SearchRunner:
                 self.judging.put(batch, check=self.check)  # waits while the judge is a batch behind
                 if not self.settings.overlap:
                     self.wait_for_stages()
-            # 4. Every trial is told: the study pictures are drawn while the publisher finishes.
+            # 4. Every trial is told; then the top knob sets are confirmed on held-out seeds (the device is
+            #    free: the stages are idle). The study pictures are drawn while the publisher finishes.
             self.judging.wait_idle()
             self.check()
+            self.confirm(batch_size, asker.deadline)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-pictures") as pictures:
                 self.study_pictures = pictures.submit(self.draw_study_pictures)
                 self.wait_for_stages()
@@ -208,6 +212,34 @@ class SearchRunner:
             self.tracker.parent_run_id,
             reason,
         )
+
+    def confirm(self, batch_size: int, deadline: float) -> None:
+        """The confirmation stage (:mod:`sounding_anagrams.search.confirmation`), if the study has one and
+        this invocation confirms."""
+        if self.study.confirm is None or not self.settings.confirm:
+            return
+        self.confirmations = confirm_top(
+            self.study,
+            self.opened.optuna_study,
+            self.opened.url,
+            self.models,
+            self.scorers.scorers,
+            self.tracker,
+            self.render_root,
+            batch=batch_size,
+            progress=self.settings.progress,
+            deadline=deadline,
+            check=self.check,
+        )
+
+    def confirmation_reserve(self) -> float:
+        """Seconds of a ``minutes`` budget kept for the confirmation stage: its renders at this run's pace so
+        far (0 before the first batch is sampled, or without confirmation)."""
+        spec = self.study.confirm
+        if spec is None or not self.settings.confirm or not self.sampler.renders:
+            return 0.0
+        pace = (time.monotonic() - self.sampler.started) / self.sampler.renders
+        return spec.top * spec.seeds * pace
 
     def start_stages(self, target: int | None, batch_size: int) -> Asker:
         """The progress bar and the background stages (threads only: no store is touched here)."""
@@ -234,6 +266,7 @@ class SearchRunner:
             minutes=minutes,
             stop=self.stop_asking,
             judge_stopped=lambda: self.judging.error is not None or not self.judging.alive(),
+            reserve=self.confirmation_reserve,
         )
 
     def stop(self, reason: StopReason) -> None:
@@ -338,6 +371,7 @@ class SearchRunner:
                 "batch": batch_size,
                 "seeds_per_trial": study.seeds_per_trial,
                 "aggregate": study.aggregate,
+                "seeds": study.seeds,
                 "trials_target": target,
                 "space": [p.name for p in study.space],
                 **study.render.to_dict(),
@@ -351,7 +385,7 @@ class SearchRunner:
 
     def draw_study_pictures(self) -> tuple[list[Path], dict[str, float]]:
         """History or Pareto front, importances and contact sheet of the study, with its best values."""
-        from sounding_anagrams.search.report import study_pictures
+        from sounding_anagrams.search.pictures import study_pictures
 
         folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
         return study_pictures(
@@ -398,7 +432,7 @@ class SearchRunner:
 def warm_up_study_pictures() -> None:
     """Import the plotting libraries of the study pictures while the device works: the end of the search,
     when the device waits, is then only the drawing."""
-    from sounding_anagrams.search.report import import_plotting
+    from sounding_anagrams.search.pictures import import_plotting
 
     try:
         import_plotting()

@@ -45,6 +45,8 @@ class SearchSettings:
     max_unet_batch: int | None = None
     # Judge and publish batch k while batch k+1 is sampled; False runs them in series (for measurements).
     overlap: bool = True
+    # Run the study's confirmation stage once the budget is spent (False: `sounding-anagrams confirm` later).
+    confirm: bool = True
 
     @property
     def storage_url(self) -> str:
@@ -151,6 +153,7 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
         "objectives": [o.spec for o in study.objectives],
         "seeds_per_trial": study.seeds_per_trial,
         "aggregate": study.aggregate,
+        "seeds": study.seeds,
     }.items():
         optuna_study.set_user_attr(key, value)
     artifact_store = open_media_store(optuna_study, settings)
@@ -210,6 +213,7 @@ def study_definition(study: StudyConfig) -> dict[str, Any]:
         "seeds_per_trial": study.seeds_per_trial,
         "aggregate": study.aggregate,
         "seed": study.seed,
+        "seeds": study.seeds,
     }
 
 
@@ -224,6 +228,7 @@ def check_definition(optuna_study: optuna.Study, study: StudyConfig, url: str) -
     if stored is None:
         optuna_study.set_user_attr("definition", definition)
         return
+    stored = {"seeds": "independent", **stored}  # recorded before `seeds:` existed: each trial had its own
     differs = sorted(key for key in {*stored, *definition} if stored.get(key) != definition.get(key))
     if differs:
         shown = "; ".join(

@@ -162,7 +162,7 @@ def run_prefer(args: argparse.Namespace) -> int:
     from sounding_anagrams.sampler.models import load_models_for
     from sounding_anagrams.search.asking import suggest
     from sounding_anagrams.search.media import upload_media
-    from sounding_anagrams.search.study import trial_seeds
+    from sounding_anagrams.search.seeds import trial_seeds
 
     quiet_libraries()
     # Until the person's first choice the GP has nothing to fit: its random start says so at every ask.

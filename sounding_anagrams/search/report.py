@@ -7,16 +7,13 @@ import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pandas as pd
-import yaml
 from optuna.trial import FrozenTrial, TrialState
-from PIL import Image, ImageDraw
 
 from sounding_anagrams.errors import (
     ConfigError,
@@ -28,8 +25,7 @@ from sounding_anagrams.errors import (
 )
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.search.stores import check_sqlite_file, open_storage
-from sounding_anagrams.search.study import StudyConfig
-from sounding_anagrams.search.tracking import is_server, objective_metrics, run_link
+from sounding_anagrams.search.tracking import is_server, run_link
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +98,12 @@ def render_files(
 
 # Score columns of the leaderboard, first these (when present), then the others.
 SHOWN_SCORES = ("clip/alignment", "clip/concealment", "clap/audio0", "clap/alignment", "clap/concealment")
+# The leaderboard's column of each knob set's mean paired difference to the leader (docs/METHOD.md §5).
+VS_LEADER = "vs leader"
+# Its columns of a confirmed knob set's mean on the held-out seeds, and the study attribute they come from
+# (written by search/confirmation.py, which imports this module: the name lives here).
+HELD_OUT = "held-out"
+CONFIRMATIONS_ATTR = "confirmations"
 
 
 @dataclass
@@ -191,6 +193,19 @@ def seed_spread(trial: FrozenTrial) -> list[dict[str, float]]:
     return spread
 
 
+def paired_difference(trial: FrozenTrial, leader: FrozenTrial, objective: int = 0) -> dict[str, float]:
+    """``trial`` minus ``leader`` on objective ``objective``, over the seeds both rendered (matched by seed
+    value): the mean difference, its 95% t-interval half-width and the number of shared seeds (0: none
+    shared, as with ``seeds: independent``; then the mean is NaN). Paired seeds: docs/METHOD.md §5."""
+    mine = dict(zip(trial.user_attrs.get("seeds", []), trial.user_attrs.get("seed_values", []), strict=False))
+    theirs = dict(
+        zip(leader.user_attrs.get("seeds", []), leader.user_attrs.get("seed_values", []), strict=False)
+    )
+    differences = [mine[seed][objective] - theirs[seed][objective] for seed in mine if seed in theirs]
+    shared = summarize(differences)
+    return {"mean": shared["mean"], "ci95": shared["ci95"], "n": shared["n"]}
+
+
 @dataclass
 class Leaderboard:
     """A study's leaderboard as two pandas tables: ``knob_sets`` (ranked by the aggregate over seeds, each
@@ -260,9 +275,39 @@ class Leaderboard:
             columns += [
                 (name, frame[name].map(_four)),
                 ("seeds min..max", frame[low].map(_four) + ".." + frame[high].map(_four)),
-                ("±95%", frame[ci95].map(_fmt)),
+                ("±95%", frame[ci95].map(shown_number)),
             ]
-        columns += [(c, frame[c].map(_fmt)) for c in frame.columns if c not in spread]
+        for name in self.objectives if f"{HELD_OUT} seeds" in frame else []:
+            mean, ci95 = frame[f"{name} {HELD_OUT}"], frame[f"{name} {HELD_OUT} ±95%"]
+            spread |= {f"{name} {HELD_OUT}", f"{name} {HELD_OUT} ±95%", f"{HELD_OUT} seeds"}
+            columns.append(
+                (
+                    f"{HELD_OUT} (±95%)",
+                    pd.Series(
+                        [
+                            "" if m is None or pd.isna(m) else f"{_four(m)} ±{shown_number(c)}"
+                            for m, c in zip(mean, ci95, strict=True)
+                        ],
+                        index=frame.index,
+                    ),
+                )
+            )
+        if VS_LEADER in frame:
+            spread |= {VS_LEADER, f"{VS_LEADER} ±95%", f"{VS_LEADER} seeds"}
+            columns.append(
+                (
+                    "vs leader, same seeds (±95%)",
+                    frame.apply(
+                        lambda row: (
+                            ""
+                            if row["rank"] == 1 or not row[f"{VS_LEADER} seeds"]
+                            else f"{_signed(row[VS_LEADER])} ±{shown_number(row[f'{VS_LEADER} ±95%'])}"
+                        ),
+                        axis=1,
+                    ),
+                )
+            )
+        columns += [(c, frame[c].map(shown_number)) for c in frame.columns if c not in spread]
         columns += [
             ("origin", frame["origin"]),
             ("where (folder, or run on the MLflow server)", frame["where"]),
@@ -291,6 +336,7 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
     """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders."""
     ranked = ranked_trials(study)[:top]
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
+    confirmed = {int(n): record for n, record in (study.user_attrs.get(CONFIRMATIONS_ATTR) or {}).items()}
     counts = {
         state.name: len(study.get_trials(deepcopy=False, states=(state,)))
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
@@ -312,6 +358,16 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
             row[name] = value
             row[f"{name} seeds min"], row[f"{name} seeds max"] = spread["min"], spread["max"]
             row[f"{name} ±95%"] = spread["ci95"]
+        if len(study.directions) == 1:  # the leader is rank 1; several objectives have no one leader
+            difference = paired_difference(r.trial, ranked[0].trial)
+            row[VS_LEADER], row[f"{VS_LEADER} ±95%"] = difference["mean"], difference["ci95"]
+            row[f"{VS_LEADER} seeds"] = difference["n"]
+        if confirmed:
+            held_out = confirmed.get(r.trial.number)
+            for j, name in enumerate(objectives):
+                row[f"{name} {HELD_OUT}"] = held_out["mean"][j] if held_out else None
+                row[f"{name} {HELD_OUT} ±95%"] = held_out["ci95"][j] if held_out else None
+            row[f"{HELD_OUT} seeds"] = len(held_out["seeds"]) if held_out else 0
         row.update({name: r.trial.user_attrs.get("scores", {}).get(name) for name in scores})
         row.update({name: r.trial.params.get(name) for name in params})
         row["origin"] = trial_origin(r.trial)
@@ -355,14 +411,30 @@ def trial_origin(trial: FrozenTrial) -> str:
     return ", ".join(parts) or "-"
 
 
+def _signed(value: float) -> str:
+    return f"{value:+.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
+
+
 def _four(value: float) -> str:
     return f"{value:.4f}"
 
 
-def _fmt(value: Any) -> str:
+def shown_number(value: Any) -> str:
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4g}"
     return "-" if value is None else str(value)
+
+
+def confirmed_winner(study: optuna.Study, confirmed: dict[int, dict[str, Any]]) -> int | None:
+    """The trial number of the completed knob set with the best held-out mean (one objective), if any."""
+    complete = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    scored = {
+        number: sign * record["mean"][0]
+        for number, record in confirmed.items()
+        if number in complete and record["mean"] and math.isfinite(record["mean"][0])
+    }
+    return max(scored, key=lambda number: (scored[number], -number)) if scored else None
 
 
 def export_best(
@@ -378,6 +450,11 @@ def export_best(
     ranked = [r for r in ranked_trials(study) if r.pareto]
     if not ranked:
         raise SoundingAnagramsError(f"study {study.study_name} has no completed trial to export yet")
+    confirmed = {int(n): record for n, record in (study.user_attrs.get(CONFIRMATIONS_ATTR) or {}).items()}
+    if len(study.directions) == 1:
+        winner = confirmed_winner(study, confirmed)
+        if winner is not None:  # the best on held-out seeds, not the best of the search's noisy means
+            ranked = [next(r for r in ranked_trials(study) if r.trial.number == winner)]
     objectives = study.user_attrs.get("objectives") or []
     how = study.user_attrs.get("aggregate", "mean")
     out.mkdir(parents=True, exist_ok=True)
@@ -403,6 +480,19 @@ def export_best(
         )
         if per_seed:
             header += f"# per seed: {per_seed}\n# this file is its best seed, {seeds[best]}\n"
+        held_out = confirmed.get(r.trial.number)
+        if held_out:
+            shown = ", ".join(
+                f"{name} = {mean:.4f} ±{ci95:.4f}"
+                for name, mean, ci95 in zip(objectives, held_out["mean"], held_out["ci95"], strict=False)
+            )
+            count = len(held_out["seeds"])
+            header += (
+                f"# confirmed on {count} held-out seeds (no trial rendered them), mean ±95%: {shown}\n"
+                f"# held-out seeds: {held_out['seeds']}\n"
+            )
+            if len(study.directions) == 1:
+                header += f"# the confirmed winner of {len(confirmed)} knob set(s) confirmed\n"
         header += (
             "# re-render: sounding-anagrams render --config <this file>\n"
             "# more seeds of this knob set: sounding-anagrams render --config <this file> --num-seeds 8\n"
@@ -415,204 +505,3 @@ def export_best(
         target.write_text(text, encoding="utf-8")
         written.append(target)
     return written
-
-
-def import_plotting() -> tuple[Any, Any]:
-    """matplotlib (headless) and Optuna's plots: seconds of imports (the search starts them early)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    return plt, optuna_plots
-
-
-PLOT_TITLES = {
-    "history.png": "objective of each trial, and the best so far",
-    "pareto.png": "the objectives of each trial; the Pareto front",
-    "importances.png": "how much each knob moves the objective",
-}
-
-
-def readable(figure: Any, title: str) -> None:
-    """Optuna's plots, readable at the size MLflow shows them: a title that says what is drawn, the legend
-    inside the axes (outside, it took half the width), trial axes named as such."""
-    renamed = {
-        "Trial": "trial number",
-        "Hyperparameter": "knob",
-        "Hyperparameter Importance": "importance (PED-ANOVA: share of the objective's spread)",
-    }
-    for axes in figure.axes:
-        for where in ("left", "right"):  # Optuna titles some plots on the left
-            axes.set_title("", loc=where)
-        axes.set_title(title, fontsize=12)
-        if axes.get_legend() is not None:
-            axes.legend(loc="best", fontsize=9, framealpha=0.8)
-        axes.set_xlabel(renamed.get(axes.get_xlabel(), axes.get_xlabel()))
-        axes.set_ylabel(renamed.get(axes.get_ylabel(), axes.get_ylabel()))
-        axes.tick_params(labelsize=9)
-
-
-def study_pictures(
-    study: optuna.Study, config: StudyConfig, folder: Path, *, cache: Path | None = None
-) -> tuple[list[Path], dict[str, float]]:
-    """History or Pareto front, parameter importances, contact sheet; plus the best values as metrics.
-    Renders of other workers' machines are downloaded into ``cache`` for the contact sheet."""
-    plt, optuna_plots = import_plotting()
-
-    folder.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    # Each value is the aggregate over the trial's seeds: the axis says so.
-    how = f" ({config.aggregate} of {config.seeds_per_trial} seeds)" if config.seeds_per_trial > 1 else ""
-    names = [o.spec + how for o in config.objectives]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # optuna's matplotlib plots are marked experimental
-        plots: list[tuple[str, Any]] = []
-        if len(names) == 1:
-            plots.append(
-                ("history.png", lambda: optuna_plots.plot_optimization_history(study, target_name=names[0]))
-            )
-        elif complete:
-            plots.append(("pareto.png", lambda: optuna_plots.plot_pareto_front(study, target_names=names)))
-        if len(complete) >= 2:
-            evaluator = optuna.importance.PedAnovaImportanceEvaluator()
-            plots.append(
-                (
-                    "importances.png",
-                    lambda: optuna_plots.plot_param_importances(
-                        study,
-                        evaluator=evaluator,
-                        target=(lambda t: t.values[0]) if len(names) > 1 else None,
-                        target_name=names[0],
-                    ),
-                )
-            )
-        for filename, draw in plots:
-            try:
-                axes = draw()
-                figure = axes.figure if hasattr(axes, "figure") else axes.flatten()[0].figure
-                figure.set_size_inches(8, 5)
-                readable(figure, f"{study.study_name}: {PLOT_TITLES[filename]}")
-                figure.tight_layout()
-                figure.savefig(folder / filename, dpi=100)
-                plt.close(figure)
-                files.append(folder / filename)
-            except (ValueError, RuntimeError, ZeroDivisionError) as error:
-                logger.info("skipped %s: %s", filename, error)
-    sheet = contact_sheet(study, folder / "best.png", cache=cache)
-    if sheet is not None:
-        files.append(sheet)
-    metrics: dict[str, float] = {"trials_complete": float(len(complete))}
-    ranked = ranked_trials(study)
-    if ranked:
-        best = ranked[0].trial
-        metrics["best/trial"] = float(best.number)
-        metrics.update({f"best/{key}": value for key, value in objective_metrics(best.values).items()})
-    return files, metrics
-
-
-def sheet_font(size: int) -> Any:
-    """A TrueType font (matplotlib's DejaVu Sans) of ``size`` pixels; PIL's small bitmap font without it."""
-    from PIL import ImageFont
-
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except (ImportError, OSError):
-        return ImageFont.load_default()
-
-
-def sheet_headers(render: Path, pictures: int) -> list[str]:
-    """Column titles of a contact sheet: each view with its prompt, then the spectrogram (the sound)."""
-    try:
-        config = yaml.safe_load((render / "config.yaml").read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        config = {}
-    views, prompts = list(config.get("views") or []), list(config.get("image_prompts") or [])
-    sounds = ", ".join(str(p) for p in config.get("audio_prompts") or [])
-    titles = [
-        f"view {i}: {views[i] if i < len(views) else '?'}\n" + (f'"{prompts[i]}"' if i < len(prompts) else "")
-        for i in range(pictures - 1)
-    ]
-    return [*titles, "spectrogram (the sound)\n" + (f'"{sounds}"' if sounds else "")]
-
-
-def fitted(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut with an ellipsis to ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def contact_sheet(
-    study: optuna.Study, path: Path, top: int = 6, width: int = 512, *, cache: Path | None = None
-) -> Path | None:
-    """The study's sheet, to read or print: a row per best knob set (its rank, value and best seed; its mean
-    scores and knobs), with its best render's view pictures and spectrogram side by side under column titles
-    naming each view and its prompt. Renders of other machines are downloaded from their MLflow runs into
-    ``cache`` (default beside ``path``)."""
-    rows = []
-    headers: list[str] = []
-    for r in ranked_trials(study)[:top]:
-        try:
-            folder = render_files(
-                study,
-                r.trial,
-                int(r.trial.user_attrs.get("best_seed", 0)),
-                cache or path.parent / "downloads",
-            )
-        except SoundingAnagramsError as error:
-            logger.info("contact sheet: %s", error)
-            continue
-        pictures = [*sorted(folder.glob("view*.png")), folder / "spectrogram.png"]
-        images = [Image.open(p).convert("RGB") for p in pictures if p.exists()]
-        if not images:
-            continue
-        if not headers:
-            headers = sheet_headers(folder, len(images))
-        scale = width / max(image.width for image in images)
-        images = [
-            image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
-            for image in images
-        ]
-        values = ", ".join(f"{v:.4f}" for v in r.trial.values)
-        seed = r.trial.user_attrs.get("best_seed")
-        label = f"#{r.rank}  trial {r.trial.number}: {values}" + (
-            "" if seed is None else f"  (its best seed, {seed})"
-        )
-        scores = r.trial.user_attrs.get("scores", {})
-        details = [f"{name} {scores[name]:.4f}" for name in SHOWN_SCORES if name in scores]
-        details += [f"{name} {_fmt(value)}" for name, value in sorted(r.trial.params.items())]
-        rows.append((label + "\n" + "   ".join(details), images))
-    if not rows:
-        return None
-    font, small = sheet_font(20), sheet_font(16)
-    label_h, header_h, pad = 50, 46, 8
-    row_heights = [label_h + max(i.height for i in images) for _, images in rows]
-    row_width = max(sum(i.width + pad for i in images) for _, images in rows)
-    sheet = Image.new("RGB", (row_width, header_h + sum(row_heights) + pad * len(rows)), "white")
-    draw = ImageDraw.Draw(sheet)
-    x = 0
-    for header, image in zip(headers, rows[0][1], strict=False):
-        for line, text in enumerate(header.splitlines()):
-            draw.text(
-                (x + 2, 2 + 21 * line), fitted(draw, text, small, image.width - 4), fill="#444", font=small
-            )
-        x += image.width + pad
-    y = header_h
-    for (label, images), height in zip(rows, row_heights, strict=True):
-        title, knobs = label.split("\n", 1)
-        draw.text((2, y + 2), title, fill="black", font=font)
-        draw.text((2, y + 26), fitted(draw, knobs, small, row_width - 4), fill="#444", font=small)
-        x = 0
-        for image in images:
-            sheet.paste(image, (x, y + label_h))
-            x += image.width + pad
-        y += height + pad
-    sheet.save(path)
-    return path

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -76,6 +77,8 @@ class BatchSampler:
         self.sampler = JointSampler(models, max_unet_batch=max_unet_batch)
         self.previewer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search-preview")
         self.unet_samples = 0
+        self.renders = 0  # renders sampled by this invocation, since `started` (the pace of the search)
+        self.started = time.monotonic()
 
     def close(self) -> None:
         self.previewer.shutdown(wait=True, cancel_futures=True)
@@ -134,6 +137,7 @@ class BatchSampler:
         try:
             batch.output = self.sampler(configs, callback=on_step, progress=self.progress)
             self.unet_samples += sum(batch.output.unet_samples.values())
+            self.renders += len(configs)
         except (SearchStopped, KeyboardInterrupt):
             raise
         except Exception as error:  # out of memory, a judge refusing input: the batch fails, not the study

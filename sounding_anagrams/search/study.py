@@ -8,6 +8,7 @@
     objectives: ["min(clip/alignment, clap/audio0)"]   # several -> multi-objective
     seeds_per_trial: 4                 # M: each trial is one knob set rendered on M seeds (never searched)
     aggregate: mean                    # how the M values become the trial's: mean | median | min | max
+    seeds: paired                      # paired: every trial renders the same M seeds | independent
     start_points: [{audio_weight: 0.3}]  # knob sets tried right after the baseline (render: values, trial 0)
     sampler: tpe                       # tpe | gp | nsga2 | random | grid, or {type: gp, n_startup_trials: 8}
     pruner: {type: median, n_startup_trials: 4}        # none | median | successive_halving
@@ -31,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-import numpy as np
 from pydantic import BeforeValidator, Field, WithJsonSchema, field_validator, model_validator
 
 from sounding_anagrams.config import RenderConfig
@@ -50,6 +50,7 @@ from sounding_anagrams.viewspec import PERMUTATION
 SamplerKind = Literal["tpe", "gp", "nsga2", "random", "grid"]
 PrunerKind = Literal["none", "median", "successive_halving"]
 Aggregate = Literal["mean", "median", "min", "max"]
+SeedPairing = Literal["paired", "independent"]
 ParamType = Literal["float", "int", "categorical"]
 SAMPLERS, PRUNERS, AGGREGATES, PARAM_TYPES = (
     get_args(kind) for kind in (SamplerKind, PrunerKind, Aggregate, ParamType)
@@ -59,7 +60,7 @@ STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_RULE = "give the study a name (it names the Optuna study and MLflow experiment)"
 BALANCE_PARAMS = ("view_balance", "audio_view_balance")
 SEARCHABLE = (
-    # Not the seed: each trial renders on seeds_per_trial seeds of its own (see trial_seeds).
+    # Not the seed: each trial renders on seeds_per_trial seeds drawn from the study seed (render_seeds).
     tuple(name for name in RenderConfig.model_fields if name not in (*RenderConfig.SHARED_FIELDS, "seed"))
     + BALANCE_PARAMS
 )
@@ -263,6 +264,26 @@ class Budget(StrictModel):
         return data
 
 
+class Confirm(StrictModel):
+    """The confirmation stage: the ``top`` knob sets rendered again on ``seeds`` held-out seeds (seeds no
+    trial renders) once the search ends, so the winner is named on seeds the search never saw."""
+
+    top: Annotated[int, Field(ge=1, le=64)] = Field(default=3, description="Knob sets confirmed, best first.")
+    seeds: Annotated[int, Field(ge=2, le=256)] = Field(
+        default=8, description="Held-out seeds each is rendered on (at least 2, for an interval)."
+    )
+
+
+def _false_is_none(value: Any) -> Any:
+    if value is None:  # `confirm:` left empty keeps the defaults, as the other sections do
+        return {}
+    return None if value is False else value
+
+
+# `confirm: false` skips the stage; in the schema, false stands where the model is null.
+ConfirmChoice = Annotated[Confirm | None, BeforeValidator(_false_is_none)]
+
+
 class TinySection(StrictModel):
     """What changes with ``--models tiny``: render, space and budget entries replace the main ones key by
     key; the rest replace them whole."""
@@ -276,6 +297,7 @@ class TinySection(StrictModel):
     pruner: PrunerChoice = Field(default_factory=dict)
     seeds_per_trial: SeedsPerTrial = 1
     sampler: SamplerSpec = Field(default_factory=dict)
+    confirm: ConfirmChoice = Field(default_factory=Confirm)
 
 
 # Sections that may be left empty (null in YAML): they keep their defaults.
@@ -347,6 +369,20 @@ class StudyFile(StrictModel):
         default=1, description="M: each trial is one knob set rendered on M seeds (never searched)."
     )
     aggregate: Aggregate = Field(default="mean", description="How a trial's M values become its value.")
+    seeds: SeedPairing = Field(
+        default="paired",
+        description=(
+            "paired: every trial renders the same M seeds (seed k is one value for the whole study), so knob "
+            "sets are compared on the same noise; independent: each trial draws M seeds of its own."
+        ),
+    )
+    confirm: ConfirmChoice = Field(
+        default_factory=Confirm,
+        description=(
+            "Once the budget ends: the top knob sets rendered on held-out seeds, {top: 3, seeds: 8}; false "
+            "skips it."
+        ),
+    )
     baseline: bool = Field(
         default=True, description="Trial 0 renders the render: values of the searched knobs."
     )
@@ -405,12 +441,15 @@ def study_json_schema() -> dict[str, Any]:
     """The JSON Schema of a study file, for editors (studies/study.schema.json).
 
     The tiny section's render and budget are checked against the main sections' schemas: every field of those
-    has a default, so a part of one is valid there too.
+    has a default, so a part of one is valid there too. ``confirm`` is a mapping or ``false``.
     """
     schema = StudyFile.model_json_schema()
     tiny = schema["$defs"]["TinySection"]["properties"]
     for name, model in (("render", "RenderConfig"), ("budget", "Budget")):
         tiny[name] = {"$ref": f"#/$defs/{model}"}
+    # `confirm: false` is how a file skips the stage (None is only the model's way of saying it).
+    for properties in (schema["properties"], tiny):
+        properties["confirm"]["anyOf"] = [{"$ref": "#/$defs/Confirm"}, {"const": False}, {"type": "null"}]
     return schema
 
 
@@ -435,6 +474,8 @@ class StudyConfig:
     seed: int
     seeds_per_trial: int = 1
     aggregate: str = "mean"
+    seeds: str = "paired"
+    confirm: Confirm | None = field(default_factory=Confirm)  # None: no confirmation stage
     start_points: tuple[Mapping[str, Any], ...] = ()
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
     baseline: bool = True
@@ -517,6 +558,8 @@ def _study_config(file: StudyFile, source: str) -> StudyConfig:
         file.seed,
         file.seeds_per_trial,
         file.aggregate,
+        file.seeds,
+        file.confirm or None,
         sampler_options=sampler_options,
     )
     _check_space_extremes(study)
@@ -544,18 +587,6 @@ def check_batch(batch: Any, seeds_per_trial: int, *, field: str, source: str | N
             f"{(batch // seeds_per_trial + 1) * seeds_per_trial}",
             source=source,
         )
-
-
-def trial_seeds(study_seed: int, trial_number: int, count: int) -> list[int]:
-    """The render seeds of one trial: 32-bit draws of ``SeedSequence(study_seed, spawn_key=(trial, k))``.
-
-    Never proposed by the Optuna sampler (a seed has no structure to model): the same study seed and trial
-    number give the same seeds on every machine, and an export re-renders them exactly (docs/METHOD.md §5).
-    """
-    return [
-        int(np.random.SeedSequence(study_seed, spawn_key=(trial_number, k)).generate_state(1)[0])
-        for k in range(count)
-    ]
 
 
 def baseline_params(study: StudyConfig) -> dict[str, Any]:

@@ -298,18 +298,23 @@ class Tracker:
         best_seed: int | None = None,
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
+        kind: str = "trial",
     ) -> str:
         """One nested run per trial (one knob set on several seeds), in ``run_id`` (opened when the trial was
-        told) or a new one. Returns the run id.
+        told) or a new one. Returns the run id. ``kind="confirmation"``: the run of a knob set confirmed on
+        held-out seeds (tagged ``confirmation_of`` its trial, not ``trial``: it is not a trial of the search).
 
         Params: the knob set and its seeds. Metrics: the trial's aggregate objective(s) and mean scores, the
         spread of the objective over seeds (``objective/min``, ``objective/max``), every seed's own values
         (``seed2/objective``, ``seed2/clip/view0``), and the previews as step metrics. Artifacts: the trial
         folder (``seed-0/``, ``seed-1/``, ...) plus ``card.html``.
         """
+        if kind not in ("trial", "confirmation"):
+            raise ValueError(f"kind must be 'trial' or 'confirmation', but got {kind=}.")
+        name = f"trial-{trial_number:04d}" if kind == "trial" else f"confirmation-trial-{trial_number:04d}"
         run_tags = {
             PARENT_TAG: self.parent_run_id or "",
-            "trial": str(trial_number),
+            ("trial" if kind == "trial" else "confirmation_of"): str(trial_number),
             "state": state,
             "study": study,
             "git_commit": git_commit(),
@@ -321,9 +326,7 @@ class Tracker:
         if reason:
             run_tags["fail_reason"] = reason[:4000]
         if run_id is None:
-            run_id = self.client.create_run(
-                self.experiment_id, run_name=f"trial-{trial_number:04d}", tags=run_tags
-            ).info.run_id
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
         try:
             values: dict[str, float] = {**scores, **objectives}
             for name in objectives:
