@@ -76,6 +76,7 @@ def test_the_search_confirms_its_top_knob_sets_on_held_out_seeds(confirmed_searc
         assert run.data.metrics["objective"] == pytest.approx(confirmation.mean[0])
         assert json.loads(run.data.tags["seeds"]) == held
     assert len([r for r in logged if "trial" in r.data.tags]) == 4
+    assert not study.user_attrs.get("confirmation_claims")  # released once stored
 
 
 @pytest.mark.slow

@@ -103,6 +103,15 @@ def claim(study: optuna.Study, url: str, trials: Sequence[FrozenTrial]) -> list[
     return mine
 
 
+def release(study: optuna.Study, url: str, trial_number: int) -> None:
+    """Drop the claim on a knob set once its confirmation is stored: a later `confirm` (more seeds) may take
+    it again, whichever worker runs it."""
+    with ask_lock(url, study.study_name):
+        claims = dict(study.user_attrs.get(CLAIMS_ATTR) or {})
+        if claims.pop(str(trial_number), None) is not None:
+            study.set_user_attr(CLAIMS_ATTR, claims)
+
+
 def _gone(worker: str) -> bool:
     """A claim of a process on this host that no longer runs (another host's claim is trusted)."""
     host, _, pid = worker.rpartition(":")
@@ -151,7 +160,7 @@ def confirm_top(
             break
         chunk = trials[start : start + per_call]
         made += _confirm_chunk(
-            study, optuna_study, chunk, seeds, models, scorers, tracker, render_root, progress, check
+            study, optuna_study, url, chunk, seeds, models, scorers, tracker, render_root, progress, check
         )
     return made
 
@@ -159,6 +168,7 @@ def confirm_top(
 def _confirm_chunk(
     study: StudyConfig,
     optuna_study: optuna.Study,
+    url: str,
     trials: Sequence[FrozenTrial],
     seeds: list[int],
     models: ModelBundle,
@@ -201,6 +211,7 @@ def _confirm_chunk(
         stored = dict(optuna_study.user_attrs.get(CONFIRMATIONS_ATTR) or {})
         stored[str(trial.number)] = confirmation.record()
         optuna_study.set_user_attr(CONFIRMATIONS_ATTR, stored)
+        release(optuna_study, url, trial.number)
         made.append(confirmation)
     return made
 
