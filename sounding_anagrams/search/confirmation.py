@@ -38,11 +38,12 @@ from sounding_anagrams.evaluation.evaluate import Candidate, Scorers
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.render import render
 from sounding_anagrams.sampler.models import ModelBundle
-from sounding_anagrams.search.report import CONFIRMATIONS_ATTR, ranked_trials
+from sounding_anagrams.search.report import CONFIRMATIONS_ATTR, confirmed_records, ranked_trials
 from sounding_anagrams.search.seeds import held_out_seeds
 from sounding_anagrams.search.stores import ask_lock
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import Tracker, objective_metrics
+from sounding_anagrams.search.trials import mean_record
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ class Confirmation:
 
 def stored_confirmations(study: optuna.Study) -> dict[int, Confirmation]:
     """The study's confirmed knob sets, by trial number."""
-    stored = study.user_attrs.get(CONFIRMATIONS_ATTR) or {}
-    return {int(number): Confirmation(**record) for number, record in stored.items()}
+    return {number: Confirmation(**record) for number, record in confirmed_records(study).items()}
 
 
 def to_confirm(study: optuna.Study, top: int, seeds: Sequence[int]) -> list[FrozenTrial]:
@@ -233,7 +233,7 @@ def _log_run(
             state="COMPLETE",
             study=optuna_study.study_name,
             config=study.candidate_config(trial.params).to_dict(),
-            scores={k: float(v) for k, v in _mean_scores(records).items()},
+            scores=mean_record([r for r in records if r]),  # the renders that were judged
             objectives=objective_metrics(confirmation.mean),
             folder=Path(confirmation.folder),
             seeds=confirmation.seeds,
@@ -246,8 +246,3 @@ def _log_run(
             "could not log the confirmation of trial %d to MLflow: %s", trial.number, one_line(error)
         )
         return None
-
-
-def _mean_scores(records: Sequence[dict[str, float]]) -> dict[str, float]:
-    names = sorted({name for record in records for name in record})
-    return {name: summarize([r[name] for r in records if name in r])["mean"] for name in names}

@@ -193,6 +193,11 @@ def seed_spread(trial: FrozenTrial) -> list[dict[str, float]]:
     return spread
 
 
+def confirmed_records(study: optuna.Study) -> dict[int, dict[str, Any]]:
+    """The study's confirmation records (search/confirmation.py writes them), by trial number."""
+    return {int(n): record for n, record in (study.user_attrs.get(CONFIRMATIONS_ATTR) or {}).items()}
+
+
 def paired_difference(trial: FrozenTrial, leader: FrozenTrial, objective: int = 0) -> dict[str, float]:
     """``trial`` minus ``leader`` on objective ``objective``, over the seeds both rendered (matched by seed
     value): the mean difference, its 95% t-interval half-width and the number of shared seeds (0: none
@@ -336,7 +341,7 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
     """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders."""
     ranked = ranked_trials(study)[:top]
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
-    confirmed = {int(n): record for n, record in (study.user_attrs.get(CONFIRMATIONS_ATTR) or {}).items()}
+    confirmed = confirmed_records(study)
     counts = {
         state.name: len(study.get_trials(deepcopy=False, states=(state,)))
         for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
@@ -450,7 +455,7 @@ def export_best(
     ranked = [r for r in ranked_trials(study) if r.pareto]
     if not ranked:
         raise SoundingAnagramsError(f"study {study.study_name} has no completed trial to export yet")
-    confirmed = {int(n): record for n, record in (study.user_attrs.get(CONFIRMATIONS_ATTR) or {}).items()}
+    confirmed = confirmed_records(study)
     if len(study.directions) == 1:
         winner = confirmed_winner(study, confirmed)
         if winner is not None:  # the best on held-out seeds, not the best of the search's noisy means
