@@ -13,10 +13,34 @@ from pathlib import Path
 
 import optuna
 import requests
+import yaml
 from optuna.trial import TrialState
 
 from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.search.stores import open_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def light_rotate(tmp_path: Path) -> Path:
+    """``studies/rotate.yaml`` with its tiny section made light for the tests of processes (kill, Ctrl-C, a
+    full disk, several workers): 2 paired seeds per trial and no race, as the shipped tiny sections were
+    before racing. What those tests check does not depend on the seeds; racing is tested in
+    tests/test_racing.py, and the shipped tiny section by the README's first command. Written beside
+    ``tmp_path``, never inside it (it is often the runs folder)."""
+    data = yaml.safe_load((REPO / "studies" / "rotate.yaml").read_text(encoding="utf-8"))
+    data["tiny"].update(
+        seeds_per_trial=2,
+        seeds_per_round=None,
+        pruner="none",
+        batch=4,
+        budget={"trials": 6, "renders": None, "minutes": 10},
+    )
+    folder = tmp_path.with_name(f"{tmp_path.name}-study")
+    folder.mkdir(exist_ok=True)
+    path = folder / "rotate.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def running_trials_of(storage: str, study_name: str, pid: int) -> list[int]:

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
         ("bench_pruning.py", ["--trials", "2", "--steps", "2"], "pruning saved"),
         (
             "bench_search.py",
-            ["--repeats", "1", "--renders", "4", "--seeds", "2", "--fresh", "2"],
-            "(c) M seeds",
+            ["--repeats", "1", "--renders", "32", "--fresh", "2", "--designs", "b,f"],
+            "(f) paired + racing + confirmation",
         ),
         (
             "bench_pipeline.py",

@@ -32,7 +32,7 @@ from PIL import Image
 from sounding_anagrams.cli import main
 from sounding_anagrams.search.stores import open_storage
 from sounding_anagrams.search.workers import is_cut_short
-from tests.processes import free_port, kill_mid_trial, served
+from tests.processes import free_port, kill_mid_trial, light_rotate, served
 from tests.servers import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,11 +106,12 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     workers = spawned
+    study_file = str(light_rotate(tmp_path))
     for index in range(3):
         runs = tmp_path / f"machine-{index}"  # a machine of its own: nothing shared on disk
         log = (tmp_path / f"worker-{index}.log").open("wb")
         command = cli(
-            "search", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny",
+            "search", study_file, "--models", "tiny",
             "--storage", storage, "--tracking-uri", uri, "--runs", str(runs),
             "--trials", str(BUDGET), "--batch", "2", "--quiet",
         )  # fmt: skip
@@ -172,7 +173,6 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
         shutil.rmtree(tmp_path / f"machine-{index}")
     fourth = tmp_path / "machine-3"
     fourth.mkdir()
-    study_file = str(REPO / "studies" / "rotate.yaml")
     where = ["--models", "tiny", "--storage", storage, "--runs", str(fourth)]
     assert main(["leaderboard", study_file, *where]) == 0
     board = capsys.readouterr().out

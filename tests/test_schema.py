@@ -106,6 +106,7 @@ def test_the_schema_underlines_what_the_tool_refuses(path, value, underlined):
 def test_the_schema_accepts_every_form_the_tool_accepts():
     data = mutate("sampler", {"type": "gp", "n_startup_trials": 8})
     data["pruner"] = "none"
+    data["seeds_per_round"] = None
     data["render"]["image_start_step"] = None
     data["space"]["scheduler"] = {"type": "categorical", "choices": ["ddim", "dpmsolver++"]}
     data["start_points"] = [{"audio_weight": 0.3}]

@@ -34,7 +34,7 @@ from sounding_anagrams.search.study import load_study, parse_study
 from sounding_anagrams.search.workers import ORPHANED
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
-from tests.processes import kill_mid_trial
+from tests.processes import kill_mid_trial, light_rotate
 from tests.servers import postgres_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,7 +429,7 @@ def _search_command(runs: Path, trials: int) -> list[str]:
         "-m",
         "sounding_anagrams.cli",
         "search",
-        str(REPO / "studies" / "rotate.yaml"),
+        str(light_rotate(runs)),
         "--models",
         "tiny",
         "--runs",

@@ -17,6 +17,7 @@ from sounding_anagrams.search.study import load_study, parse_study
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "studies").glob("*.yaml"))
 BASE = yaml.safe_load((REPO / "studies" / "rotate.yaml").read_text())
+NOT_RACING = {"pruner": "none", "seeds_per_round": None}  # BASE races; these take it out
 
 
 def test_the_shipped_studies_cover_the_seed_examples_and_per_view_audio():
@@ -31,7 +32,11 @@ def test_the_shipped_studies_cover_the_seed_examples_and_per_view_audio():
     assert len(two_sounds.render.audio_prompts) == 2 and len(two_sounds.objectives) == 2
     for path in SHIPPED:
         study, tiny = load_study(path), load_study(path, tiny=True)
-        assert (study.seeds_per_trial, tiny.seeds_per_trial) == (4, 2)
+        # Single-objective studies race (docs/PERFORMANCE.md, 2026-12-06); racing tests one value.
+        races = len(study.objectives) == 1
+        assert study.races == tiny.races == races
+        assert (study.seeds_per_trial, tiny.seeds_per_trial) == ((8, 6) if races else (4, 2))
+        assert study.seeds == "paired" and study.confirm is not None
         assert not any(param.name == "seed" for param in study.space)
         # Trial 0 is the hand-tuned baseline: the render: values of every searched knob.
         assert study.baseline and study.start_points[0]["audio_weight"] == study.render.audio_weight
@@ -43,7 +48,8 @@ def test_tiny_section_makes_the_study_small():
         load_study(REPO / "studies" / "rotate.yaml", tiny=True),
     )
     assert real.render.num_inference_steps == 50 and tiny.render.num_inference_steps == 6
-    assert tiny.budget.trials == 6 and tiny.batch == 4 and tiny.trials_per_call == 2
+    assert tiny.budget.renders == 40 and tiny.trial_budget == 6 and tiny.batch == 4
+    assert tiny.seeds_per_round == 2 and tiny.trials_per_call == 2  # rounds of 2 seeds per sampler call
     assert next(p for p in tiny.space if p.name == "image_start_step").high == 2
 
 
@@ -103,13 +109,13 @@ def mutate(path: str, value):
         ),
         ("render.views", ["identity", "rotat"], r"render: views='rotat': unknown view 'rotat'"),
         ("render.image_promts", ["a", "b"], r"render: image_promts=.*did you mean 'image_prompts'"),
-        ("budget", {}, r"budget=\{\}: give trials and/or minutes"),
+        ("budget", {}, r"budget=\{\}: give trials, renders and/or minutes"),
         ("budget.trials", 0, r"budget.trials=0: must be an integer of at least 1"),
         ("batch", 0, r"batch=0: must be an integer of at least 1"),
         (
             "batch",
-            6,
-            r"batch=6: counts renders per sampler call and must be a multiple of seeds_per_trial=4 .* 4 or 8",
+            5,
+            r"batch=5: counts renders per sampler call and must be a multiple of seeds_per_round=2 .* 4 or 6",
         ),
         (
             "space.seed",
@@ -138,7 +144,7 @@ def mutate(path: str, value):
             r"; widen",
         ),
         ("previews", [1.5], r"previews=\[1.5\]: give a list of fractions"),
-        ("previews", [], r"previews=\[\]: a pruner needs preview steps"),
+        ("pruner", "median", r"previews=\[\]: a pruner needs preview steps"),
         ("name", KeyError, r"name=None: give the study a name"),
         ("colour", "blue", r"colour='blue': unknown field 'colour'"),
     ],
@@ -191,14 +197,16 @@ def test_seeds_are_derived_not_proposed_and_differ_by_trial_and_index():
 def test_paired_seeds_are_one_bank_for_the_whole_study_and_apart_from_independent_ones():
     from sounding_anagrams.search.seeds import render_seeds, seed_bank, trial_seeds
 
-    study = parse_study({**BASE, "seeds_per_trial": 4, "batch": 4})
+    study = parse_study({**BASE, **NOT_RACING, "seeds_per_trial": 4, "batch": 4})
     assert study.seeds == "paired"  # the default
     bank = seed_bank(0, 4)
     assert render_seeds(study, 0) == render_seeds(study, 17) == bank  # every trial, the same seeds
     assert seed_bank(0, 2) == bank[:2] and seed_bank(1, 4) != bank and len(set(bank)) == 4
     # The bank's spawn keys are not any trial's: no paired seed is an independent one of trials 0..99.
     assert not set(bank) & {s for n in range(100) for s in trial_seeds(0, n, 4)}
-    independent = parse_study({**BASE, "seeds_per_trial": 4, "batch": 4, "seeds": "independent"})
+    independent = parse_study(
+        {**BASE, **NOT_RACING, "seeds_per_trial": 4, "batch": 4, "seeds": "independent"}
+    )
     assert render_seeds(independent, 7) == trial_seeds(0, 7, 4) != render_seeds(independent, 8)
     with pytest.raises(ConfigError) as error:
         parse_study({**BASE, "seeds": "shared"}, source="s.yaml")
@@ -214,7 +222,7 @@ def test_sampler_options_and_the_gp_sampler():
     sampler = make_sampler(study)
     assert isinstance(sampler, optuna.samplers.GPSampler) and sampler._n_startup_trials == 3
     population = parse_study(
-        {**mutate("sampler", {"type": "nsga2", "population_size": 8}), "pruner": "none"}, source="s.yaml"
+        {**mutate("sampler", {"type": "nsga2", "population_size": 8}), **NOT_RACING}, source="s.yaml"
     )
     assert make_sampler(population)._population_size == 8
 

@@ -96,7 +96,8 @@ def checked_search(args: argparse.Namespace) -> StudyConfig:
     if args.batch is not None:
         from sounding_anagrams.search.study import check_batch
 
-        check_batch(args.batch, study.seeds_per_trial, field="--batch")
+        unit = "seeds_per_round" if study.races else "seeds_per_trial"
+        check_batch(args.batch, study.seeds_per_round, field="--batch", unit=unit)
     for flag, value, low in (
         ("--trials", args.trials, 1),
         ("--max-unet-batch", args.max_unet_batch, 2),

@@ -3,16 +3,18 @@ and seeds.
 
 Runs on its own thread (``search-ask``), one batch ahead of the sampler, so the device goes from batch to
 batch without waiting for Optuna. Contract:
-- takes the batch before the one sampling now (``settled``) and waits until every trial of it is told, so
-  the Optuna sampler sees the same finished trials on every run of a study, however fast the host;
-- hands on a :class:`Batch` of asked and planned trials (in the ledger, with heartbeats), or None when the
-  budget, the time or a stop says so;
+- takes the batch before the one sampling now (``settled``) and waits until every trial of it is told (or,
+  racing, judged and handed on to its next round), so the Optuna sampler sees the same finished trials on
+  every run of a study, however fast the host;
+- hands on a :class:`Batch`: the next rounds of the racing trials judged in ``settled``, then new asked and
+  planned trials (in the ledger, with heartbeats); or None when the budget, the time or a stop says so;
 - on error: an invalid knob set is a FAIL outcome of that trial in the batch; a full disk raises
   :class:`DiskFullError` before anything is asked; any other error (a store) raises to the main thread.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import threading
@@ -27,14 +29,15 @@ from sounding_anagrams.errors import ConfigError, DiskFullError, shown_url
 from sounding_anagrams.files import folder_bytes
 from sounding_anagrams.search.lifecycle import DeadWorkers, Heartbeats
 from sounding_anagrams.search.opening import OpenedSearch
-from sounding_anagrams.search.samplers import AskTellGridSampler
+from sounding_anagrams.search.samplers import AskTellGridSampler, nothing_left_to_find, seed_noise
 from sounding_anagrams.search.seeds import render_seeds
+from sounding_anagrams.search.space import ParamSpec
 from sounding_anagrams.search.stores import ask_lock
-from sounding_anagrams.search.study import ParamSpec
 from sounding_anagrams.search.telling import Teller
 from sounding_anagrams.search.trials import FINISHED, Batch, TrialOutcome, TrialPlan
 from sounding_anagrams.search.workers import is_cut_short, this_worker
 
+logger = logging.getLogger(__name__)
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
 
 
@@ -43,6 +46,18 @@ def counted_trials(opened: OpenedSearch) -> int:
     judged nothing and is done again."""
     trials = opened.optuna_study.get_trials(deepcopy=False, states=FINISHED)
     return sum(not is_cut_short(t) for t in trials)
+
+
+def rendered_seeds(opened: OpenedSearch) -> int:
+    """Renders spent by the finished trials that count against the budget: every seed of a trial, but only
+    the seeds a raced-out trial rendered."""
+    trials = opened.optuna_study.get_trials(deepcopy=False, states=FINISHED)
+    per_trial = opened.study.seeds_per_trial
+    return sum(
+        len(t.user_attrs.get("seeds", ())) if t.user_attrs.get("raced") else per_trial
+        for t in trials
+        if not is_cut_short(t)
+    )
 
 
 def suggest(trial: Trial, param: ParamSpec) -> Any:
@@ -70,6 +85,7 @@ class Asker:
         *,
         per_call: int,
         target: int | None,
+        renders: int | None = None,
         minutes: float | None,
         stop: threading.Event,
         judge_stopped: Callable[[], bool],
@@ -79,59 +95,101 @@ class Asker:
         self.teller = teller
         self.dead_workers = dead_workers
         self.heartbeats = heartbeats
-        self.per_call = per_call  # trials per sampler call
+        self.per_call = per_call  # trials (rounds of trials, when racing) per sampler call
         self.target = target
+        self.renders = renders  # the render budget left to the trials (confirmation's renders kept aside)
+        self.asked: Batch | None = None  # the last batch handed on
+        self.stopped_early = False  # by the terminator
         self.deadline = time.monotonic() + 60 * minutes if minutes else math.inf
         self.reserve = reserve  # seconds of the time budget kept for what follows the trials (confirmation)
         self.stop = stop
         self.judge_stopped = judge_stopped
 
     def next_batch(self, settled: Batch | None) -> Batch | None:
-        """The next batch to sample (None: the budget or the time is spent, or the search stops)."""
+        """The next batch to sample (None: the budget or the time is spent, or the search stops): first the
+        next rounds of the racing trials judged in ``settled`` (and before), then new trials."""
         study = self.opened.optuna_study
         self.wait_told(settled)
+        next_rounds = self.teller.ledger.take_next_rounds()
         while time.monotonic() < self.deadline - self.reserve() and not self.stop.is_set():
             self.dead_workers.fail_stale_trials()
             # Counting and asking under the study's ask lock, which every worker on every machine takes:
             # together they never ask more trials than the budget has left.
             with ask_lock(self.opened.url, self.opened.name):
                 self.dead_workers.fail_orphaned_trials()
-                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-                # Told trials are finished in the storage; asked ones (this worker's or another's) RUNNING.
-                remaining = (
-                    self.target - counted_trials(self.opened) - running
-                    if self.target is not None
-                    else self.per_call
-                )
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                remaining = self.room_for_trials(len(running))
                 if isinstance(study.sampler, AskTellGridSampler):  # (it counts RUNNING as taken)
                     remaining = min(remaining, study.sampler.unvisited(study))
-                if remaining > 0:
-                    k = min(self.per_call, remaining)
-                    self.check_room(k)
-                    return self.ask_batch(k)
+                new = max(0, min(self.per_call - len(next_rounds), remaining))
+                if new and self.terminated():
+                    new = 0
+                if new or next_rounds:
+                    self.check_room(new + len(next_rounds))
+                    self.asked = self.ask_batch(new, next_rounds)
+                    return self.asked
                 if not running:
                     return None
+            # Nothing to render now. The racing trials of the batch sampling now may go on: their next
+            # rounds, once it is judged (a fixed rule, so every run of a study renders the same rounds).
+            if self.asked is not None and self.teller.ledger.unjudged(self.asked.rounds()):
+                self.wait_told(self.asked)
+                if self.judge_stopped():  # (the main thread raises its error)
+                    return None
+                next_rounds = self.teller.ledger.take_next_rounds()
+                continue
             # A trial in flight (here or on another worker) may yet be cut short and need doing again (a
             # dead worker's is retried): wait for a tell here, or poll the others'.
             self.teller.ledger.wait_for_a_tell(timeout=0.5)
         return None
 
+    def terminated(self) -> bool:
+        """Whether the study's terminator (``terminate:``) says nothing is left to find; said once."""
+        spec = self.opened.study.terminate
+        if spec is None or self.stopped_early:
+            return self.stopped_early
+        study = self.opened.optuna_study
+        if nothing_left_to_find(study, spec.min_trials, self.opened.study.seed):
+            self.stopped_early = True
+            logger.warning(
+                "the terminator stops the search: the improvement still possible is below the seed noise of "
+                "a trial's value (%.3g) after %d complete trials; the trials in flight finish",
+                seed_noise(study),
+                len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
+            )
+        return self.stopped_early
+
+    def room_for_trials(self, running: int) -> int:
+        """New trials the budget has room for now: the trial budget less the trials finished (counted) and
+        running; the render budget less the renders of the finished trials and all seeds of the running
+        ones (a racing trial may yet render every seed)."""
+        room = self.per_call
+        if self.target is not None:
+            room = self.target - counted_trials(self.opened) - running
+        if self.renders is not None:
+            per_trial = self.opened.study.seeds_per_trial
+            left = self.renders - rendered_seeds(self.opened) - running * per_trial
+            room = min(room, left // per_trial)
+        return room
+
     def wait_told(self, batch: Batch | None) -> None:
-        """Until every trial of ``batch`` is told, the judge stopped, or the search stops."""
+        """Until every trial round of ``batch`` is told or judged, the judge stopped, or the search stops."""
         if batch is None:
             return
-        numbers = batch.numbers()
-        while self.teller.ledger.pending(numbers) and not self.judge_stopped() and not self.stop.is_set():
+        rounds = batch.rounds()
+        while self.teller.ledger.unjudged(rounds) and not self.judge_stopped() and not self.stop.is_set():
             self.teller.ledger.wait_for_a_tell(timeout=0.2)
 
-    def ask_batch(self, k: int) -> Batch:
-        """Ask k trials and plan them: a knob set and its seeds each (an invalid knob set fails at once)."""
+    def ask_batch(self, k: int, next_rounds: list[TrialPlan] | None = None) -> Batch:
+        """The next rounds of racing trials, then k new trials, each planned: a knob set and its seeds (an
+        invalid knob set fails at once)."""
         study = self.opened.optuna_study
         visible = frozenset(t.number for t in study.get_trials(deepcopy=False, states=FINISHED))
         trials = [study.ask() for _ in range(k)]
         self.teller.add(trials)
         self.heartbeats.beat_now()
-        batch = Batch(trials, visible)
+        going_on = list(next_rounds or [])
+        batch = Batch([plan.trial for plan in going_on] + trials, visible, plans=going_on)
         for trial in trials:
             trial.set_user_attr("worker", this_worker())
             try:
@@ -140,7 +198,7 @@ class Asker:
                 batch.outcomes[trial.number] = TrialOutcome(
                     trial.number, TrialState.FAIL, reason=f"invalid knobs: {error}"
                 )
-        batch.previews = {t.number: [] for t in trials}
+        batch.previews = {t.number: [] for t in batch.trials}
         return batch
 
     def plan_trial(self, trial: Trial) -> TrialPlan:
@@ -160,7 +218,8 @@ class Asker:
             else render_seeds(study, trial.number if retry_of is None else retry_of)
         )
         trial.set_user_attr("seeds", seeds)
-        return TrialPlan(trial, config, seeds, [config.replace(seed=seed) for seed in seeds])
+        configs = [config.replace(seed=seed) for seed in seeds]
+        return TrialPlan(trial, config, seeds, configs, round_size=study.seeds_per_round)
 
     def check_room(self, trials: int) -> None:
         """Stop before a batch that the disk under --runs has no room for: the GPU work would be lost, and the

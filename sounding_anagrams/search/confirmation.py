@@ -81,12 +81,13 @@ def stored_confirmations(study: optuna.Study) -> dict[int, Confirmation]:
 
 def to_confirm(study: optuna.Study, top: int, seeds: Sequence[int]) -> list[FrozenTrial]:
     """The ``top`` best completed trials (the Pareto set first, for several objectives) not yet confirmed on
-    ``seeds``."""
+    ``seeds``; never a raced-out one (the race found it worse than the leader)."""
     done = stored_confirmations(study)
+    contenders = [r.trial for r in ranked_trials(study) if not r.trial.user_attrs.get("raced")]
     return [
-        r.trial
-        for r in ranked_trials(study)[:top]
-        if r.trial.number not in done or done[r.trial.number].seeds != list(seeds)
+        trial
+        for trial in contenders[:top]
+        if trial.number not in done or done[trial.number].seeds != list(seeds)
     ]
 
 

@@ -4,7 +4,8 @@ Runs on the ``search-judge`` thread, a batch behind the sampler. Contract:
 - takes a sampled :class:`Batch` (``batch.output`` holds its latents);
 - writes each render folder (pictures, sounds, config) and, for each complete trial, the clip of its best
   seed, uploads the media the dashboard shows, and only then tells Optuna each trial (a told trial cannot
-  change); hands the batch on to the publisher;
+  change); a racing trial between rounds is not told: the race decides (:meth:`Judge.races_out`) and its
+  next round goes to the ledger for the asker; hands the batch on to the publisher;
 - on error: a failing decode or judge fails the batch's trials (not the study); a write error fails that
   trial with its reason; a full disk fails the trials it cut short (they are done again), asks the asker to
   stop and raises :class:`DiskFullError` once the batch is told.
@@ -38,6 +39,7 @@ from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.sampler.transfer import side_stream
 from sounding_anagrams.search.media import upload_media
 from sounding_anagrams.search.opening import OpenedSearch
+from sounding_anagrams.search.samplers import should_prune
 from sounding_anagrams.search.telling import Teller
 from sounding_anagrams.search.trials import (
     Batch,
@@ -101,16 +103,18 @@ class Judge:
         plans = batch.plans
         try:
             if batch.output is not None:
-                configs = [config for plan in plans for config in plan.configs]
+                configs = [config for plan in plans for config in plan.round_configs]
                 folders = [
-                    self.opened.render_folder(p.trial.number, k) for p in plans for k in range(len(p.configs))
+                    self.opened.render_folder(p.trial.number, p.first + k)
+                    for p in plans
+                    for k in range(len(p.round_configs))
                 ]
                 with side_stream(self.models.device):  # not behind the sampler's steps (see side_stream)
                     results = decode_and_write(
                         batch.output, configs, self.models, folders, with_clip=False, keep_on_device=True
                     )
                     renders = iter(results)
-                    batch.results = [[next(renders) for _ in plan.configs] for plan in plans]
+                    batch.results = [[next(renders) for _ in plan.round_configs] for plan in plans]
                     self.score(batch)
                 self.write_pruned_previews(batch)
                 self.attach_media(batch)
@@ -121,7 +125,11 @@ class Judge:
         if full:  # every later trial would fail the same way: ask for none (the tells below free budget)
             self.stop_asking()
         for trial in batch.trials:
-            self.teller.tell(trial, batch.outcomes[trial.number])
+            if trial.number in batch.outcomes:
+                self.teller.tell(trial, batch.outcomes[trial.number])
+        for plan in batch.going_on:  # after a failure of the batch, its racing trials failed instead
+            if plan.trial.number not in batch.outcomes:
+                self.teller.ledger.race_on(plan)
         self.publish(batch)
         if full:
             raise DiskFullError(
@@ -131,14 +139,16 @@ class Judge:
             )
 
     def score(self, batch: Batch) -> None:
-        """Per trial: FAIL if any seed failed (the knob set is not reliable), PRUNED if stopped, else the
-        aggregate of its seeds' objective values (the per-seed values and scores are kept)."""
+        """Per trial: FAIL if any seed failed (the knob set is not reliable), PRUNED if stopped, else its
+        seeds' objective values (the per-seed values and scores are kept). A trial complete on all its seeds
+        takes their aggregate; a racing trial between rounds either races on (its next round in
+        ``batch.going_on``) or is raced out, with the aggregate of the seeds it rendered."""
         study = self.opened.study
         done: list[tuple[TrialPlan, list[RenderResult]]] = []
         for plan, renders in zip(batch.plans, batch.results, strict=True):
             number = plan.trial.number
             folder = self.opened.trial_folder(number)
-            failed = [(k, r) for k, r in enumerate(renders) if r.failure]
+            failed = [(plan.first + k, r) for k, r in enumerate(renders) if r.failure]
             if failed:
                 reason = "; ".join(f"seed {k} (seed={r.config.seed}): {r.failure}" for k, r in failed)
                 if any(r.write_error is not None and is_disk_full(r.write_error) for _, r in failed):
@@ -157,8 +167,24 @@ class Judge:
         records = iter(self.scorers.score([c for c, _ in decoded], [d for _, d in decoded]))
         for plan, renders in done:
             number = plan.trial.number
-            seed_scores = [next(records) for _ in renders]
-            seed_values = [[o.value(record) for o in study.objectives] for record in seed_scores]
+            round_scores = [next(records) for _ in renders]
+            round_values = [[o.value(record) for o in study.objectives] for record in round_scores]
+            seed_scores = plan.judged.seed_scores + round_scores
+            seed_values = plan.judged.seed_values + round_values
+            best = best_seed_index(seed_values)
+            best_render = renders[best - plan.first] if best >= plan.first else plan.judged.best
+            finite = all(math.isfinite(v) for values in round_values for v in values)
+            raced = False
+            if study.races and finite:
+                for k, values in enumerate(round_values):  # step = seed index, the same in every trial
+                    plan.trial.report(values[0], plan.first + k)
+            if not plan.last_round and finite:
+                raced = self.races_out(plan, batch.visible)
+                if not raced:
+                    plan.judged.seed_values, plan.judged.seed_scores = seed_values, seed_scores
+                    plan.judged.best = best_render
+                    batch.going_on.append(plan.next_round())
+                    continue
             values = [
                 aggregate([v[j] for v in seed_values], study.aggregate) for j in range(len(study.objectives))
             ]
@@ -168,16 +194,24 @@ class Judge:
                 values,
                 mean_record(seed_scores),
                 folder=self.opened.trial_folder(number),
-                seeds=plan.seeds,
+                seeds=plan.seeds[: len(seed_values)],
                 seed_values=seed_values,
                 seed_scores=seed_scores,
-                best_seed=best_seed_index(seed_values),
+                best_seed=best,
+                raced=raced,
             )
             missing = [o.spec for o, v in zip(study.objectives, values, strict=True) if not math.isfinite(v)]
             if missing:
-                outcome.state, outcome.values = TrialState.FAIL, []
+                outcome.state, outcome.values, outcome.raced = TrialState.FAIL, [], False
                 outcome.reason = f"objective not finite: {missing}"
+            elif best_render is not None:
+                batch.best_renders[number] = best_render
             batch.outcomes[number] = outcome
+
+    def races_out(self, plan: TrialPlan, visible: frozenset[int]) -> bool:
+        """Whether the study's Wilcoxon pruner finds the trial significantly worse than the leader on the
+        seeds reported so far, among the trials finished when this batch was asked (docs/METHOD.md §5)."""
+        return should_prune(self.opened.optuna_study, plan.trial, visible)
 
     def write_pruned_previews(self, batch: Batch) -> None:
         """A pruned trial keeps the pictures and sounds it was pruned on: its seeds' x0 previews, written as
@@ -185,7 +219,8 @@ class Judge:
         trial is judged (pruned) either way."""
         for plan, renders in zip(batch.plans, batch.results, strict=True):
             kept = batch.pruned_previews.pop(plan.trial.number, None)
-            if kept is None or batch.outcomes[plan.trial.number].state != TrialState.PRUNED:
+            outcome = batch.outcomes.get(plan.trial.number)
+            if kept is None or outcome is None or outcome.state != TrialState.PRUNED:
                 continue
             percent, decoded = kept
             for render, seed_decoded in zip(renders, decoded, strict=True):
@@ -215,9 +250,11 @@ class Judge:
             WRITER_THREADS, thread_name_prefix="search-clip", initializer=lower_this_thread_priority
         ) as encoders:
             for plan, renders in zip(batch.plans, batch.results, strict=True):
-                outcome = batch.outcomes[plan.trial.number]
-                if outcome.state == TrialState.COMPLETE and outcome.best_seed is not None:
-                    best = renders[outcome.best_seed]
+                outcome = batch.outcomes.get(plan.trial.number)
+                if outcome is None:  # racing on
+                    continue
+                best = batch.best_renders.get(plan.trial.number)
+                if outcome.state == TrialState.COMPLETE and best is not None:
                     shown[plan.trial.number] = best.folder
                     if best.decoded is not None:
                         waves = best.decoded.waves

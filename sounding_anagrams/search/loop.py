@@ -2,7 +2,8 @@
 
 - A trial is one knob set rendered on ``seeds_per_trial`` seeds that the study derives (never the Optuna
   sampler); its value is the ``aggregate`` of the per-seed objective values (docs/METHOD.md §5). Trial 0 is
-  the study's hand-tuned ``render:`` values, then its ``start_points``.
+  the study's hand-tuned ``render:`` values, then its ``start_points``. A racing study (``pruner:
+  wilcoxon``) renders a trial's seeds in rounds over several batches and stops a loser between rounds.
 - Previews: at a few fractions of the steps each render's predicted clean latent is decoded and scored; the
   aggregate over the trial's seeds is reported to Optuna and a pruned trial stops all its seeds.
 - A trial that fails (NaN on any seed, out of memory, a decoding error, an invalid combination of knobs)
@@ -232,6 +233,14 @@ class SearchRunner:
             check=self.check,
         )
 
+    def trial_renders(self) -> int | None:
+        """The study's render budget less the confirmation stage's renders (None: no render budget)."""
+        renders = self.study.budget.renders
+        spec = self.study.confirm
+        if renders is None or spec is None or not self.settings.confirm:
+            return renders
+        return renders - spec.top * spec.seeds
+
     def confirmation_reserve(self) -> float:
         """Seconds of a ``minutes`` budget kept for the confirmation stage: its renders at this run's pace so
         far (0 before the first batch is sampled, or without confirmation)."""
@@ -261,8 +270,9 @@ class SearchRunner:
             self.teller,
             self.dead_workers,
             self.heartbeats,
-            per_call=max(1, batch_size // self.study.seeds_per_trial),
+            per_call=max(1, batch_size // self.study.seeds_per_round),
             target=target,
+            renders=self.trial_renders(),
             minutes=minutes,
             stop=self.stop_asking,
             judge_stopped=lambda: self.judging.error is not None or not self.judging.alive(),
@@ -370,6 +380,7 @@ class SearchRunner:
                 "pruner": study.pruner.type,
                 "batch": batch_size,
                 "seeds_per_trial": study.seeds_per_trial,
+                "seeds_per_round": study.seeds_per_round,
                 "aggregate": study.aggregate,
                 "seeds": study.seeds,
                 "trials_target": target,

@@ -97,7 +97,7 @@ def run_prefer(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--candidates", args.candidates, "must be at least 2 (a person compares candidates)"
         )
-    trials = args.trials if args.trials is not None else study.budget.trials
+    trials = args.trials if args.trials is not None else study.trial_budget
     if trials is None or trials < args.candidates:
         raise ConfigError(
             "--trials", trials, f"must be at least --candidates ({args.candidates}): the candidates to make"

@@ -34,6 +34,8 @@ class Publisher:
         for trial in batch.trials:
             if self.abandoned.is_set():
                 return
+            if trial.number not in batch.outcomes:  # racing on: logged once told
+                continue
             plan = by_number.get(trial.number)
             self.log_trial(
                 trial.number,
@@ -58,6 +60,8 @@ class Publisher:
             frozen = opened.storage.get_trial(opened.trial_id(number))
             if "retry_of" in frozen.user_attrs:
                 tags = {**(tags or {}), "retry_of": str(frozen.user_attrs["retry_of"])}
+            if frozen.user_attrs.get("raced"):
+                tags = {**(tags or {}), "raced": "true"}
             opened.tracker.log_trial(
                 trial_number=number,
                 state=frozen.state.name,

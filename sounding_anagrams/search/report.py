@@ -103,6 +103,9 @@ VS_LEADER = "vs leader"
 # Its columns of a confirmed knob set's mean on the held-out seeds, and the study attribute they come from
 # (written by search/confirmation.py, which imports this module: the name lives here).
 HELD_OUT = "held-out"
+# Its column marking the knob sets raced out (stopped after their first seeds: docs/METHOD.md §5).
+RACED = "raced"
+SEEDS_RENDERED = "seeds rendered"
 CONFIRMATIONS_ATTR = "confirmations"
 
 
@@ -136,13 +139,17 @@ def load_study_from_storage(name: str, storage: str) -> optuna.Study:
 
 
 def ranked_trials(study: optuna.Study) -> list[Ranked]:
-    """Completed trials, best first: by the objective, or for several objectives the Pareto set first."""
+    """Completed trials, best first: by the objective, or for several objectives the Pareto set first. Raced
+    out trials (judged on their first seeds only, and significantly worse than the leader then) come after
+    the trials complete on all their seeds."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return []
     if len(study.directions) == 1:
         sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-        ordered = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+        ordered = sorted(
+            complete, key=lambda t: (bool(t.user_attrs.get("raced")), sign * t.values[0], t.number)
+        )
         return [Ranked(i + 1, t, i == 0) for i, t in enumerate(ordered)]
     pareto = {t.number for t in study.best_trials}
     signs = [-1.0 if d == optuna.study.StudyDirection.MAXIMIZE else 1.0 for d in study.directions]
@@ -273,7 +280,7 @@ class Leaderboard:
         frame = self.knob_sets
         marks = frame["pareto"].map({True: "*", False: ""}) if "pareto" in frame else ""
         columns = [("rank", frame["rank"].astype(str) + marks), ("trial", frame["trial"].astype(str))]
-        spread = {"rank", "pareto", "trial", "origin", "where"}
+        spread = {"rank", "pareto", "trial", "origin", "where", RACED}
         for name in self.objectives:
             low, high, ci95 = f"{name} seeds min", f"{name} seeds max", f"{name} ±95%"
             spread |= {name, low, high, ci95}
@@ -313,6 +320,13 @@ class Leaderboard:
                 )
             )
         columns += [(c, frame[c].map(shown_number)) for c in frame.columns if c not in spread]
+        if RACED in frame:
+            spread.add(SEEDS_RENDERED)
+            raced = [
+                f"after {n} seeds" if was_raced else ""
+                for was_raced, n in zip(frame[RACED], frame[SEEDS_RENDERED], strict=True)
+            ]
+            columns.append((RACED, pd.Series(raced, index=frame.index)))
         columns += [
             ("origin", frame["origin"]),
             ("where (folder, or run on the MLflow server)", frame["where"]),
@@ -340,6 +354,7 @@ def _plain(frame: pd.DataFrame) -> str:
 def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None) -> Leaderboard:
     """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders."""
     ranked = ranked_trials(study)[:top]
+    any_raced = any(r.trial.user_attrs.get("raced") for r in ranked)
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
     confirmed = confirmed_records(study)
     counts = {
@@ -375,6 +390,9 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
             row[f"{HELD_OUT} seeds"] = len(held_out["seeds"]) if held_out else 0
         row.update({name: r.trial.user_attrs.get("scores", {}).get(name) for name in scores})
         row.update({name: r.trial.params.get(name) for name in params})
+        if any_raced:
+            row[RACED] = bool(r.trial.user_attrs.get("raced"))
+            row[SEEDS_RENDERED] = len(r.trial.user_attrs.get("seed_values", []))
         row["origin"] = trial_origin(r.trial)
         row["where"] = trial_location(study, r.trial, tracking_uri=tracking_uri)
         rows.append(row)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Container, Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
@@ -107,10 +109,14 @@ def make_pruner(study: SearchPlan) -> optuna.pruners.BasePruner:
         "none": optuna.pruners.NopPruner,
         "median": optuna.pruners.MedianPruner,
         "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        # Racing on seeds: the step is the seed index (search/judging.py), not a preview's percent.
+        "wilcoxon": optuna.pruners.WilcoxonPruner,
     }
     try:
-        return kinds[study.pruner.type](**study.pruner.options)
-    except TypeError as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return kinds[study.pruner.type](**study.pruner.options)
+    except (TypeError, ValueError) as error:
         raise ConfigError(
             "pruner",
             dict(study.pruner.options),
@@ -142,6 +148,21 @@ class SettledStudy:
     ) -> list[FrozenTrial]:
         return [t for t in self._study.get_trials(deepcopy, states) if t.number in self._visible]
 
+    @property
+    def best_trial(self) -> FrozenTrial:
+        """The leader a race compares with (Optuna's ``WilcoxonPruner`` reads it): the best of these trials
+        complete on all their seeds; a raced-out trial's few seeds never lead. ValueError when there is
+        none, as Optuna's own."""
+        complete = [
+            t
+            for t in self.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not t.user_attrs.get("raced")
+        ]
+        if not complete:
+            raise ValueError("no trial is complete on all its seeds yet")
+        sign = 1.0 if self._study.direction == optuna.study.StudyDirection.MAXIMIZE else -1.0
+        return max(complete, key=lambda t: (sign * float(t.values[0]), -t.number))
+
     def _get_trials(
         self,
         deepcopy: bool = True,
@@ -156,3 +177,37 @@ def should_prune(study: optuna.Study, trial: Trial, visible: frozenset[int]) -> 
     """``trial.should_prune()``, judged against the trials in ``visible`` alone (:class:`SettledStudy`)."""
     view = SettledStudy(study, visible | {trial.number})
     return study.pruner.prune(view, trial._get_latest_trial())  # type: ignore[arg-type]
+
+
+def seed_noise(study: optuna.Study) -> float | None:
+    """The noise of a trial's value: the median, over the trials complete on all their seeds, of the standard
+    error of their mean over seeds (None before any trial has two seeds)."""
+    errors = [
+        float(np.std(values, ddof=1) / math.sqrt(len(values)))
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not trial.user_attrs.get("raced")
+        and len(values := [v[0] for v in trial.user_attrs.get("seed_values", [])]) > 1
+    ]
+    return float(np.median(errors)) if errors else None
+
+
+def nothing_left_to_find(study: optuna.Study, min_trials: int, seed: int) -> bool:
+    """Optuna's terminator: its Gaussian-process bound on the improvement still possible (the regret bound of
+    Makarova et al., 2022) is below the seed noise of a trial's value, once ``min_trials`` trials are
+    complete (docs/METHOD.md §5)."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    noise = seed_noise(study)
+    if len(complete) < min_trials or noise is None:
+        return False
+    with warnings.catch_warnings():  # experimental in Optuna 4, deprecated in 5 and kept until 6
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from optuna.terminator import RegretBoundEvaluator, StaticErrorEvaluator, Terminator
+
+        terminator = Terminator(
+            improvement_evaluator=RegretBoundEvaluator(min_n_trials=min_trials, seed=seed),
+            error_evaluator=StaticErrorEvaluator(noise),
+            min_n_trials=min_trials,
+        )
+        return bool(terminator.should_terminate(study))

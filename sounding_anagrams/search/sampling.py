@@ -97,8 +97,8 @@ class BatchSampler:
         if not plans:
             return
         study = self.opened.study
-        configs = [config for plan in plans for config in plan.configs]
-        owner = [p for p, plan in enumerate(plans) for _ in plan.configs]  # render -> its trial's plan
+        configs = [config for plan in plans for config in plan.round_configs]
+        owner = [p for p, plan in enumerate(plans) for _ in plan.round_configs]  # render -> its trial's plan
         steps = [preview_steps(plan.config, study.previews) for plan in plans]
         pending: list[Preview] = []  # in the order they were taken: each trial reports its percents in order
 
@@ -109,18 +109,20 @@ class BatchSampler:
                 rendering.setdefault(owner[c], []).append((row, c))
             # The seeds of one trial share one schedule, so a seed missing here has failed (NaN): the knob set
             # fails as a whole, and its other seeds stop now instead of rendering for nothing.
-            stop = [c for p, rows in rendering.items() if len(rows) < len(plans[p].configs) for _, c in rows]
+            stop = [
+                c for p, rows in rendering.items() if len(rows) < len(plans[p].round_configs) for _, c in rows
+            ]
             due = {
                 p: [c for _, c in rows]
                 for p, rows in rendering.items()
-                if state.step + 1 in steps[p] and len(rows) == len(plans[p].configs)
+                if state.step + 1 in steps[p] and len(rows) == len(plans[p].round_configs)
             }
             if due:
                 x0 = {p: take_rows(state.pred_x0, [row for row, _ in rendering[p]]) for p in due}
                 job = self.previewer.submit(
                     self.score_previews,
                     x0,
-                    {p: plans[p].configs for p in due},
+                    {p: plans[p].round_configs for p in due},
                     ready_event(self.models.device),  # where x0 is made, on the sampler's stream
                 )
                 for p, renders in due.items():
@@ -212,7 +214,9 @@ class BatchSampler:
         record = mean_record(seed_records)
         value = aggregate([study.objectives[0].value(r) for r in seed_records], study.aggregate)
         batch.previews[trial.number].append((preview.percent, {**record, "objective": value}))
-        if len(study.objectives) == 1 and math.isfinite(value):
+        # A racing study's intermediate values are its seeds' values (step = seed index): its previews are
+        # logged, not reported (docs/METHOD.md §5).
+        if len(study.objectives) == 1 and math.isfinite(value) and not study.races:
             trial.report(value, preview.percent)
             if should_prune(self.opened.optuna_study, trial, batch.visible):
                 batch.pruned_previews[trial.number] = (preview.percent, scored.decoded)

@@ -11,7 +11,8 @@
     seeds: paired                      # paired: every trial renders the same M seeds | independent
     start_points: [{audio_weight: 0.3}]  # knob sets tried right after the baseline (render: values, trial 0)
     sampler: tpe                       # tpe | gp | nsga2 | random | grid, or {type: gp, n_startup_trials: 8}
-    pruner: {type: median, n_startup_trials: 4}        # none | median | successive_halving
+    pruner: {type: median, n_startup_trials: 4}        # none | median | successive_halving | wilcoxon
+    seeds_per_round: 2                 # racing (pruner: wilcoxon): seeds a trial renders per round
     previews: [0.5, 0.75]              # fractions of the steps where x0 previews are scored (for pruning)
     batch: 8                           # renders per batched sampler call (batch / M trials); GPU memory
     budget: {trials: 32, minutes: 120} # trials = knob sets (each M renders)
@@ -25,9 +26,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -44,76 +44,25 @@ from sounding_anagrams.evaluation.objectives import (
     parse_objectives,
 )
 from sounding_anagrams.files import read_yaml_mapping
+from sounding_anagrams.search.space import (
+    BALANCE_PARAMS,
+    ParamSpec,
+    Space,
+    check_balances,
+    some_knob,
+)
 from sounding_anagrams.validation import NULL_IS_DEFAULT, Rule, StrictModel
-from sounding_anagrams.viewspec import PERMUTATION
 
 SamplerKind = Literal["tpe", "gp", "nsga2", "random", "grid"]
-PrunerKind = Literal["none", "median", "successive_halving"]
+PrunerKind = Literal["none", "median", "successive_halving", "wilcoxon"]
+# Pruners that judge x0 previews (steps = percent of the schedule); wilcoxon races on seeds instead.
+PREVIEW_PRUNERS = ("median", "successive_halving")
 Aggregate = Literal["mean", "median", "min", "max"]
 SeedPairing = Literal["paired", "independent"]
-ParamType = Literal["float", "int", "categorical"]
-SAMPLERS, PRUNERS, AGGREGATES, PARAM_TYPES = (
-    get_args(kind) for kind in (SamplerKind, PrunerKind, Aggregate, ParamType)
-)
+SAMPLERS, PRUNERS, AGGREGATES = (get_args(kind) for kind in (SamplerKind, PrunerKind, Aggregate))
 # A study name becomes folder names under --runs (renders, reports, exports): nothing that could leave it.
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 NAME_RULE = "give the study a name (it names the Optuna study and MLflow experiment)"
-BALANCE_PARAMS = ("view_balance", "audio_view_balance")
-SEARCHABLE = (
-    # Not the seed: each trial renders on seeds_per_trial seeds drawn from the study seed (render_seeds).
-    tuple(name for name in RenderConfig.model_fields if name not in (*RenderConfig.SHARED_FIELDS, "seed"))
-    + BALANCE_PARAMS
-)
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One searched knob: ``float``/``int`` over [low, high] (with ``log`` or ``step``) or ``categorical``."""
-
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    choices: tuple[Any, ...] = ()
-
-    def grid(self) -> list[Any]:
-        """Values a grid search visits: the choices, or low..high by step."""
-        if self.type == "categorical":
-            return list(self.choices)
-        assert self.low is not None and self.high is not None and self.step is not None
-        count = math.floor((self.high - self.low) / self.step + 1e-9) + 1
-        values = [self.low + i * self.step for i in range(count)]
-        return [round(v) for v in values] if self.type == "int" else values
-
-    def extremes(self) -> list[Any]:
-        return list(self.choices) if self.type == "categorical" else [self.low, self.high]
-
-    def allows(self, value: Any) -> bool:
-        """Whether Optuna's distribution of this parameter holds ``value`` (for enqueued knob sets)."""
-        if self.type == "categorical":
-            return any(value == choice and type(value) is type(choice) for choice in self.choices) or (
-                value in self.choices
-            )
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            return False
-        assert self.low is not None and self.high is not None
-        if not self.low <= value <= self.high:
-            return False
-        if self.type == "int" and not float(value).is_integer():
-            return False
-        step = self.step if self.step is not None else (1 if self.type == "int" else None)
-        if step is None:
-            return True
-        offset = (value - self.low) / step
-        return abs(offset - round(offset)) < 1e-6
-
-    def describe(self) -> str:
-        if self.type == "categorical":
-            return f"one of {list(self.choices)}"
-        step = f" in steps of {self.step:g}" if self.step is not None else ""
-        return f"{self.type} in [{self.low:g}, {self.high:g}]{step}"
 
 
 @dataclass(frozen=True)
@@ -123,76 +72,6 @@ class PrunerSpec:
 
 
 # -- the study file, as written: pydantic models (studies/study.schema.json is their JSON Schema) ----------
-
-FiniteNumber = Annotated[float | None, Field(allow_inf_nan=False)]
-
-
-class Distribution(StrictModel):
-    """The range of one searched knob: float or int over [low, high] (on a log scale, or by step), or
-    categorical choices."""
-
-    type: ParamType
-    low: FiniteNumber = None
-    high: FiniteNumber = None
-    step: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = Field(
-        default=None, description="float/int: the grid's step (a grid search needs one)."
-    )
-    log: bool = Field(default=False, description="float/int: sample on a log scale (low must be positive).")
-    choices: list[Any] | None = Field(default=None, description="categorical: the values to choose from.")
-
-    @model_validator(mode="after")
-    def _check_range(self) -> Distribution:
-        if self.type == "categorical":
-            if not self.choices:
-                raise ConfigError("choices", self.choices, "give a non-empty list of values")
-            return self
-        if self.low is None or self.high is None:
-            name = "low" if self.low is None else "high"
-            raise ConfigError(name, None, "must be a finite number")
-        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
-            raise ConfigError("low", self.low, "int parameters need integer low and high")
-        if not self.low < self.high:
-            raise ConfigError("high", self.high, f"must be greater than low={self.low:g}")
-        if self.log and self.low <= 0:
-            raise ConfigError("low", self.low, "must be positive for a log scale")
-        return self
-
-    def spec(self, name: str) -> ParamSpec:
-        if self.type == "categorical":
-            return ParamSpec(name, self.type, choices=tuple(self.choices or ()))
-        assert self.low is not None and self.high is not None
-        cast: Callable[[float], float] = float if self.type == "float" else int
-        return ParamSpec(name, self.type, cast(self.low), cast(self.high), self.step, self.log)
-
-
-def _knob_names(space: Any) -> Any:
-    """Searched knobs by name: the seed is never one, and an unknown name gets a did-you-mean."""
-    if not isinstance(space, Mapping):
-        return space
-    for name, spec in space.items():
-        if name == "seed":
-            raise ConfigError(
-                "space.seed",
-                spec,
-                "seeds are not searched: a seed has no structure for the sampler to learn, so each trial "
-                "renders its knob set on seeds_per_trial seeds drawn from the study seed; remove space.seed "
-                "and set seeds_per_trial (e.g. 4) to judge every knob set on several seeds",
-            )
-        if name not in SEARCHABLE:
-            raise ConfigError(
-                f"space.{name}", spec, unknown_name_message("searchable parameter", str(name), SEARCHABLE)
-            )
-    return space
-
-
-def _some_knob(space: Any) -> Any:
-    if space is None or (isinstance(space, Mapping) and not space):
-        raise ConfigError(
-            "space",
-            {} if space is None else dict(space),
-            "name at least one parameter to search, e.g. {audio_weight: {type: float, low: 0.2, high: 0.8}}",
-        )
-    return space
 
 
 def _kind_with_options(
@@ -231,11 +110,6 @@ def _kind_with_options(
     return BeforeValidator(normalise), WithJsonSchema(schema)
 
 
-Space = Annotated[
-    dict[str, Distribution],
-    BeforeValidator(_knob_names),
-    Field(json_schema_extra={"propertyNames": {"enum": list(SEARCHABLE)}}),
-]
 _SAMPLER_FORMS = _kind_with_options("sampler", "tpe", SAMPLERS, plain_field="sampler")
 _PRUNER_FORMS = _kind_with_options("pruner", "none", PRUNERS, plain_field="pruner.type")
 SamplerSpec = Annotated[dict[str, Any], _SAMPLER_FORMS[0], _SAMPLER_FORMS[1]]
@@ -247,20 +121,33 @@ Previews = Annotated[
 SeedsPerTrial = Annotated[
     int, Field(ge=1, le=64), Rule("must be an integer from 1 to 64 (seeds each knob set is rendered on)")
 ]
+SeedsPerRound = Annotated[
+    int | None,
+    Field(ge=1, le=64),
+    NULL_IS_DEFAULT,
+    Rule("must be an integer from 1 to 64 (seeds a racing trial renders per round)"),
+]
 Batch = Annotated[int | None, Field(ge=1), NULL_IS_DEFAULT]
 
 
 class Budget(StrictModel):
-    """When the search stops: after this many trials (knob sets) or minutes, whichever comes first."""
+    """When the search stops: after this many trials (knob sets), renders or minutes, whichever is first."""
 
     trials: Annotated[int | None, Field(ge=1)] = None
+    renders: Annotated[int | None, Field(ge=1)] = Field(
+        default=None,
+        description=(
+            "Renders (seeds rendered) in all, confirmation included: a raced-out trial's unrendered seeds "
+            "go to further trials."
+        ),
+    )
     minutes: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
 
     @model_validator(mode="before")
     @classmethod
     def _some_limit(cls, data: Any) -> Any:
-        if isinstance(data, Mapping) and data.get("trials") is None and data.get("minutes") is None:
-            raise ConfigError("", dict(data), "give trials and/or minutes")
+        if isinstance(data, Mapping) and all(data.get(k) is None for k in ("trials", "renders", "minutes")):
+            raise ConfigError("", dict(data), "give trials, renders and/or minutes")
         return data
 
 
@@ -274,14 +161,23 @@ class Confirm(StrictModel):
     )
 
 
+class Terminate(StrictModel):
+    """Stop asking new trials once Optuna's terminator finds the improvement left below the seed noise."""
+
+    min_trials: Annotated[int, Field(ge=2, le=10_000)] = Field(
+        default=8, description="Complete trials before the terminator may stop the search."
+    )
+
+
 def _false_is_none(value: Any) -> Any:
-    if value is None:  # `confirm:` left empty keeps the defaults, as the other sections do
+    if value is None or value is True:  # `confirm:` left empty (or true) keeps the defaults
         return {}
     return None if value is False else value
 
 
 # `confirm: false` skips the stage; in the schema, false stands where the model is null.
 ConfirmChoice = Annotated[Confirm | None, BeforeValidator(_false_is_none)]
+TerminateChoice = Annotated[Terminate | None, BeforeValidator(_false_is_none)]
 
 
 class TinySection(StrictModel):
@@ -296,6 +192,7 @@ class TinySection(StrictModel):
     previews: Previews = Field(default_factory=list)
     pruner: PrunerChoice = Field(default_factory=dict)
     seeds_per_trial: SeedsPerTrial = 1
+    seeds_per_round: SeedsPerRound = None
     sampler: SamplerSpec = Field(default_factory=dict)
     confirm: ConfirmChoice = Field(default_factory=Confirm)
 
@@ -321,7 +218,7 @@ class StudyFile(StrictModel):
         default_factory=RenderConfig,
         description="The fixed part of every candidate; its knob values are trial 0, the baseline.",
     )
-    space: Annotated[Space, BeforeValidator(_some_knob)] = Field(
+    space: Annotated[Space, BeforeValidator(some_knob)] = Field(
         default_factory=dict,
         validate_default=True,
         description="Knobs searched: per-candidate RenderConfig fields, view_balance, audio_view_balance.",
@@ -348,7 +245,10 @@ class StudyFile(StrictModel):
     )
     pruner: PrunerChoice = Field(
         default_factory=lambda: {"type": "none"},
-        description="none | median | successive_halving, or {type: median, n_startup_trials: 4}.",
+        description=(
+            "none | median | successive_halving (on x0 previews) | wilcoxon (racing on seeds), or "
+            "{type: median, n_startup_trials: 4}, {type: wilcoxon, p_threshold: 0.1}."
+        ),
     )
     previews: Previews = Field(
         default_factory=list, description="Fractions of the steps where x0 previews are scored, for pruning."
@@ -368,6 +268,14 @@ class StudyFile(StrictModel):
     seeds_per_trial: SeedsPerTrial = Field(
         default=1, description="M: each trial is one knob set rendered on M seeds (never searched)."
     )
+    seeds_per_round: SeedsPerRound = Field(
+        default=None,
+        description=(
+            "Racing (pruner: wilcoxon): a trial renders its seeds this many at a time and stops once it is "
+            "significantly worse than the leader on the seeds so far (default 2; without racing, all at "
+            "once)."
+        ),
+    )
     aggregate: Aggregate = Field(default="mean", description="How a trial's M values become its value.")
     seeds: SeedPairing = Field(
         default="paired",
@@ -381,6 +289,14 @@ class StudyFile(StrictModel):
         description=(
             "Once the budget ends: the top knob sets rendered on held-out seeds, {top: 3, seeds: 8}; false "
             "skips it."
+        ),
+    )
+    terminate: TerminateChoice = Field(
+        default=None,
+        description=(
+            "Stop early once Optuna's terminator (a Gaussian-process bound on the improvement left) is below "
+            "the seed noise of a trial's value: {min_trials: 8}, or true; off by default "
+            "(docs/PERFORMANCE.md)."
         ),
     )
     baseline: bool = Field(
@@ -416,7 +332,7 @@ class StudyFile(StrictModel):
 
     @model_validator(mode="after")
     def _check_together(self) -> StudyFile:
-        _check_balances(self.space, self.render)
+        check_balances(self.space, self.render)
         if self.sampler["type"] == "grid":
             for name, distribution in self.space.items():
                 if distribution.type != "categorical" and distribution.step is None:
@@ -425,16 +341,72 @@ class StudyFile(StrictModel):
             raise ConfigError(
                 "pruner", self.pruner["type"], "pruning needs a single objective (Optuna prunes on one value)"
             )
-        if self.pruner["type"] != "none" and not self.previews:
+        if self.terminate is not None and len(self.objectives) > 1:
+            raise ConfigError(
+                "terminate", True, "the terminator needs a single objective (it bounds one value's regret)"
+            )
+        if self.pruner["type"] in PREVIEW_PRUNERS and not self.previews:
             raise ConfigError(
                 "previews", self.previews, "a pruner needs preview steps to judge candidates early"
             )
-        check_batch(self.batch_size, self.seeds_per_trial, field="batch")
+        if self.pruner["type"] == "wilcoxon":
+            _check_race(self.seeds_per_trial, self.round_size, self.pruner.get("p_threshold", 0.1))
+        elif self.seeds_per_round is not None:
+            raise ConfigError(
+                "seeds_per_round",
+                self.seeds_per_round,
+                "rounds of seeds are for racing: set pruner: {type: wilcoxon} too, or remove it",
+            )
+        confirming = self.confirm.top * self.confirm.seeds if self.confirm else 0
+        if self.budget.renders is not None and self.budget.renders < confirming + self.seeds_per_trial:
+            raise ConfigError(
+                "budget.renders",
+                self.budget.renders,
+                f"must leave room for one trial ({self.seeds_per_trial} seeds) beside the confirmation "
+                f"stage's {confirming} renders: at least {confirming + self.seeds_per_trial}",
+            )
+        unit = "seeds_per_round" if self.pruner["type"] == "wilcoxon" else "seeds_per_trial"
+        check_batch(self.batch_size, self.round_size, field="batch", unit=unit)
         return self
+
+    @property
+    def round_size(self) -> int:
+        """Seeds a trial renders per sampler call: a round of a race (default 2), else all of them."""
+        if self.pruner["type"] != "wilcoxon":
+            return self.seeds_per_trial
+        return self.seeds_per_round or min(RACE_ROUND, self.seeds_per_trial)
 
     @property
     def batch_size(self) -> int:
         return self.batch if self.batch is not None else self.seeds_per_trial
+
+
+RACE_ROUND = 2  # seeds per round of a race, unless seeds_per_round says otherwise
+
+
+def _check_race(seeds_per_trial: int, round_size: int, p_threshold: Any) -> None:
+    """A race that could never stop a trial is refused: after n paired seeds the signed-rank test's smallest
+    p-value is 2**-n (docs/METHOD.md §5), so some round must end with n < seeds_per_trial seeds and
+    2**-n < p_threshold."""
+    if seeds_per_trial % round_size:
+        raise ConfigError(
+            "seeds_per_round",
+            round_size,
+            f"must divide seeds_per_trial={seeds_per_trial} (a trial renders its seeds in whole rounds)",
+        )
+    if not isinstance(p_threshold, (int, float)) or isinstance(p_threshold, bool):
+        return  # Optuna's constructor names the bad option when the pruner is built
+    decisions = range(round_size, seeds_per_trial, round_size)
+    if not any(0.5**n < p_threshold for n in decisions):
+        fewest = next(n for n in range(1, 65) if 0.5**n < p_threshold) if p_threshold > 0 else None
+        need = f"at least {fewest + round_size} seeds per trial" if fewest else "a p_threshold above 0"
+        raise ConfigError(
+            "seeds_per_trial",
+            seeds_per_trial,
+            f"racing at p_threshold={p_threshold} can never stop a trial: the signed-rank test on n paired "
+            f"seeds cannot reach a p-value below 2**-n, and the rounds end at {list(decisions) or 'no seed'} "
+            f"seeds before the last; give {need} (rounds of {round_size})",
+        )
 
 
 def study_json_schema() -> dict[str, Any]:
@@ -450,6 +422,11 @@ def study_json_schema() -> dict[str, Any]:
     # `confirm: false` is how a file skips the stage (None is only the model's way of saying it).
     for properties in (schema["properties"], tiny):
         properties["confirm"]["anyOf"] = [{"$ref": "#/$defs/Confirm"}, {"const": False}, {"type": "null"}]
+    schema["properties"]["terminate"]["anyOf"] = [
+        {"$ref": "#/$defs/Terminate"},
+        {"type": "boolean"},
+        {"type": "null"},
+    ]
     return schema
 
 
@@ -475,14 +452,35 @@ class StudyConfig:
     seeds_per_trial: int = 1
     aggregate: str = "mean"
     seeds: str = "paired"
+    round_size: int = 0  # seeds per round of a race; 0: all seeds_per_trial at once (no racing)
     confirm: Confirm | None = field(default_factory=Confirm)  # None: no confirmation stage
+    terminate: Terminate | None = None  # None: the budget alone stops the search
     start_points: tuple[Mapping[str, Any], ...] = ()
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
     baseline: bool = True
 
     @property
+    def trial_budget(self) -> int | None:
+        """Knob sets the budget holds: its trials, else (a render budget) its renders less the confirmation
+        stage's over seeds_per_trial (racing may fit more); None with only minutes."""
+        if self.budget.trials is not None or self.budget.renders is None:
+            return self.budget.trials
+        confirming = self.confirm.top * self.confirm.seeds if self.confirm else 0
+        return (self.budget.renders - confirming) // self.seeds_per_trial
+
+    @property
+    def races(self) -> bool:
+        """Whether trials race (``pruner: wilcoxon``): seeds in rounds, a loser stops between rounds."""
+        return self.pruner.type == "wilcoxon"
+
+    @property
+    def seeds_per_round(self) -> int:
+        return self.round_size or self.seeds_per_trial
+
+    @property
     def trials_per_call(self) -> int:
-        return max(1, self.batch // self.seeds_per_trial)
+        """Trials (rounds of trials, when racing) per batched sampler call."""
+        return max(1, self.batch // self.seeds_per_round)
 
     @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
@@ -559,7 +557,9 @@ def _study_config(file: StudyFile, source: str) -> StudyConfig:
         file.seeds_per_trial,
         file.aggregate,
         file.seeds,
+        file.round_size if file.pruner["type"] == "wilcoxon" else 0,
         file.confirm or None,
+        file.terminate or None,
         sampler_options=sampler_options,
     )
     _check_space_extremes(study)
@@ -567,24 +567,28 @@ def _study_config(file: StudyFile, source: str) -> StudyConfig:
     points += _parse_start_points(file.start_points, study)
     study = dataclasses.replace(study, start_points=tuple(points), baseline=file.baseline)
     # Imported here so that reading study.py (schema.py does) does not load Optuna.
-    from sounding_anagrams.search.samplers import make_sampler
+    from sounding_anagrams.search.samplers import make_pruner, make_sampler
 
     make_sampler(study)
+    make_pruner(study)
     return study
 
 
-def check_batch(batch: Any, seeds_per_trial: int, *, field: str, source: str | None = None) -> None:
-    """``batch`` counts renders per sampler call: whole trials of ``seeds_per_trial`` renders each."""
+def check_batch(
+    batch: Any, seeds: int, *, field: str, source: str | None = None, unit: str = "seeds_per_trial"
+) -> None:
+    """``batch`` counts renders per sampler call: whole trials of ``seeds`` renders each (whole rounds of
+    ``seeds_per_round`` when trials race)."""
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(field, batch, "must be an integer of at least 1", source=source)
-    if batch % seeds_per_trial:
+    if batch % seeds:
+        what = "a trial renders its" if unit == "seeds_per_trial" else "a racing trial renders a round of"
         raise ConfigError(
             field,
             batch,
-            f"counts renders per sampler call and must be a multiple of seeds_per_trial={seeds_per_trial} "
-            f"(a trial renders its {seeds_per_trial} seeds in the same call), e.g. "
-            f"{max(seeds_per_trial, batch // seeds_per_trial * seeds_per_trial)} or "
-            f"{(batch // seeds_per_trial + 1) * seeds_per_trial}",
+            f"counts renders per sampler call and must be a multiple of {unit}={seeds} "
+            f"({what} {seeds} seeds in the same call), e.g. "
+            f"{max(seeds, batch // seeds * seeds)} or {(batch // seeds + 1) * seeds}",
             source=source,
         )
 
@@ -641,20 +645,6 @@ def _parse_start_points(value: list[dict[str, Any]], study: StudyConfig) -> list
             ) from None
         points.append(dict(point))
     return points
-
-
-def _check_balances(space: Mapping[str, Distribution], render: RenderConfig) -> None:
-    for name in space:
-        if name not in BALANCE_PARAMS:
-            continue
-        views = render.view_specs() if name == "view_balance" else render.audio_view_specs()
-        if len(views) != 2 or any(view.kind != PERMUTATION for view in views):
-            raise ConfigError(
-                f"space.{name}",
-                name,
-                "a balance b sets the weights [1 - b, b] of exactly two permutation views "
-                "(hybrid parts weigh 1 each; one audio prompt has no balance)",
-            )
 
 
 def _check_space_extremes(study: StudyConfig) -> None:

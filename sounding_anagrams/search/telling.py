@@ -1,8 +1,10 @@
 """The trials a worker holds (asked, not yet told) and the one way they leave it: a tell to Optuna.
 
 Who calls what:
-- the asker thread adds each trial it asks (:meth:`TrialLedger.add`);
-- the judge thread tells the trials it judged (:meth:`Teller.tell`);
+- the asker thread adds each trial it asks (:meth:`TrialLedger.add`) and takes the next rounds of the
+  racing trials (:meth:`TrialLedger.take_next_rounds`);
+- the judge thread tells the trials it judged (:meth:`Teller.tell`), or hands on the next round of a trial
+  that races on (:meth:`TrialLedger.race_on`);
 - the main thread, on its stop path only, fails the trials nobody will judge (:meth:`Teller.fail_untold`);
 - the heartbeat thread reads which trials are alive (:meth:`TrialLedger.alive`).
 
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import optuna
 from optuna.trial import Trial, TrialState
 
 from sounding_anagrams.errors import one_line
 from sounding_anagrams.search.tracking import Tracker
-from sounding_anagrams.search.trials import TrialOutcome
+from sounding_anagrams.search.trials import TrialOutcome, TrialPlan
 from sounding_anagrams.search.workers import INTERRUPTED
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class TrialLedger:
         self._untold: dict[int, Trial] = {}
         self._ids: dict[int, int] = {}
         self._claimed: set[int] = set()  # being told now
+        self._rounds_judged: dict[int, int] = {}  # racing trials: rounds judged so far
+        self._next_rounds: dict[int, TrialPlan] = {}  # racing trials: their next round, not yet asked for
 
     def add(self, trials: Iterable[Trial], ids: Iterable[int]) -> None:
         with self._lock:
@@ -58,7 +62,23 @@ class TrialLedger:
             self._untold.pop(number, None)
             self._ids.pop(number, None)
             self._claimed.discard(number)
+            self._rounds_judged.pop(number, None)
+            self._next_rounds.pop(number, None)
             self._told.notify_all()
+
+    def race_on(self, plan: TrialPlan) -> None:
+        """A racing trial's round ``plan.round - 1`` is judged and it goes on: ``plan`` is its next round."""
+        with self._lock:
+            self._rounds_judged[plan.trial.number] = plan.round
+            self._next_rounds[plan.trial.number] = plan
+            self._told.notify_all()
+
+    def take_next_rounds(self) -> list[TrialPlan]:
+        """The next rounds handed on so far, by trial number (the asker puts them first in its next batch)."""
+        with self._lock:
+            plans = [self._next_rounds[n] for n in sorted(self._next_rounds)]
+            self._next_rounds.clear()
+            return plans
 
     def alive(self) -> list[int]:
         """The storage ids of the trials in flight (for the heartbeats)."""
@@ -74,6 +94,11 @@ class TrialLedger:
         """How many of ``numbers`` (default: all) are still in flight."""
         with self._lock:
             return len(self._untold) if numbers is None else sum(n in self._untold for n in numbers)
+
+    def unjudged(self, rounds: Mapping[int, int]) -> int:
+        """How many of the trial rounds ``{number: round}`` are neither told nor judged (raced on)."""
+        with self._lock:
+            return sum(n in self._untold and self._rounds_judged.get(n, 0) <= r for n, r in rounds.items())
 
     def wait_for_a_tell(self, timeout: float) -> None:
         with self._told:

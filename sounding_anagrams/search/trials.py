@@ -44,6 +44,8 @@ class TrialOutcome:
     seed_values: list[list[float]] = field(default_factory=list)
     seed_scores: list[dict[str, float]] = field(default_factory=list)
     best_seed: int | None = None
+    # Raced out: significantly worse than the leader on its first seeds; its value is their aggregate.
+    raced: bool = False
     # Its MLflow run, opened when it is told: where its files are shared, whatever machine rendered it.
     run_id: str | None = None
     artifact_uri: str | None = None
@@ -65,6 +67,8 @@ class TrialOutcome:
         if self.seed_values:
             attrs["seed_values"] = self.seed_values
             attrs["seed_scores"] = self.seed_scores
+        if self.raced:
+            attrs["raced"] = True
         if self.best_seed is not None:
             attrs["best_seed"] = self.best_seed
             attrs["render_folder"] = attrs["render_folders"][self.best_seed]
@@ -74,13 +78,59 @@ class TrialOutcome:
 
 
 @dataclass
+class Judged:
+    """What the earlier rounds of a racing trial judged: per seed, in seed order, its values and scores, and
+    the best render so far (its clip is made once the trial is told)."""
+
+    seed_values: list[list[float]] = field(default_factory=list)
+    seed_scores: list[dict[str, float]] = field(default_factory=list)
+    best: RenderResult | None = None
+
+
+@dataclass
 class TrialPlan:
-    """One asked trial: its knob set and the M configs (one per seed) rendered for it."""
+    """One asked trial: its knob set and the M configs (one per seed) it renders, in rounds when it races.
+
+    A round is ``round_size`` seeds from seed ``first`` (one round of all M seeds without racing); each
+    round is one entry of a batch, and the next round of a trial that races on is a new plan
+    (:meth:`next_round`) sharing ``judged``.
+    """
 
     trial: Trial
     config: RenderConfig
     seeds: list[int]
     configs: list[RenderConfig]
+    round_size: int = 0  # 0: all seeds in one round
+    first: int = 0
+    judged: Judged = field(default_factory=Judged)
+
+    def __post_init__(self) -> None:
+        if not self.round_size:
+            self.round_size = len(self.configs)
+
+    @property
+    def round_configs(self) -> list[RenderConfig]:
+        """The configs this round renders (seed indices ``first`` ... ``first + round_size - 1``)."""
+        return self.configs[self.first : self.first + self.round_size]
+
+    @property
+    def round(self) -> int:
+        return self.first // self.round_size if self.round_size else 0
+
+    @property
+    def last_round(self) -> bool:
+        return self.first + self.round_size >= len(self.configs)
+
+    def next_round(self) -> TrialPlan:
+        return TrialPlan(
+            self.trial,
+            self.config,
+            self.seeds,
+            self.configs,
+            self.round_size,
+            self.first + self.round_size,
+            self.judged,
+        )
 
     def knob_set(self) -> dict[str, Any]:
         """The config without its seed, plus the seeds (MLflow params)."""
@@ -122,9 +172,18 @@ class Batch:
     # A pruned trial's last preview (percent, one Decoded per seed): the judge writes its pictures and sounds.
     pruned_previews: dict[int, tuple[int, list[Decoded]]] = field(default_factory=dict)
     results: list[list[RenderResult]] = field(default_factory=list)  # per trial, per seed, until published
+    # Each complete trial's best render (of this round or an earlier one): its clip and media.
+    best_renders: dict[int, RenderResult] = field(default_factory=dict)
+    going_on: list[TrialPlan] = field(default_factory=list)  # next rounds of the trials racing on
 
     def numbers(self) -> list[int]:
         return [trial.number for trial in self.trials]
+
+    def rounds(self) -> dict[int, int]:
+        """Trial number -> the round of it this batch renders (0 for a trial that failed when asked)."""
+        rounds = dict.fromkeys(self.numbers(), 0)
+        rounds.update({plan.trial.number: plan.round for plan in self.plans})
+        return rounds
 
     def fail(self, error: Exception) -> None:
         """Out of memory, a judge refusing input: every trial of the batch not yet judged fails, not the
@@ -157,6 +216,7 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
         seed_values=list(attrs.get("seed_values", [])),
         seed_scores=list(attrs.get("seed_scores", [])),
         best_seed=attrs.get("best_seed"),
+        raced=bool(attrs.get("raced", False)),
         run_id=attrs.get("mlflow_run_id"),
         artifact_uri=attrs.get("artifact_uri"),
     )
