@@ -253,7 +253,7 @@ class SearchRunner:
     def start_stages(self, target: int | None, batch_size: int) -> Asker:
         """The progress bar and the background stages (threads only: no store is touched here)."""
         self.bar = tqdm(
-            total=target,
+            total=target if target is not None else self.study.trial_budget,  # (racing may fit a few more)
             desc=f"trials of {self.study_name}",
             disable=not self.settings.progress,
             unit="trial",
