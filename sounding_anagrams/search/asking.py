@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import Trial, TrialState
+from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sounding_anagrams.errors import ConfigError, DiskFullError, shown_url
 from sounding_anagrams.files import folder_bytes
@@ -41,23 +41,21 @@ logger = logging.getLogger(__name__)
 ROOM_FOR_STORES = 16 * 2**20  # bytes kept free for the Optuna and MLflow databases beside the renders
 
 
-def counted_trials(opened: OpenedSearch) -> int:
+def counted(opened: OpenedSearch) -> list[FrozenTrial]:
     """Finished trials that count against the budget: a trial cut short by Ctrl-C, or whose worker died,
     judged nothing and is done again."""
     trials = opened.optuna_study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(not is_cut_short(t) for t in trials)
+    return [t for t in trials if not is_cut_short(t)]
 
 
-def rendered_seeds(opened: OpenedSearch) -> int:
-    """Renders spent by the finished trials that count against the budget: every seed of a trial, but only
-    the seeds a raced-out trial rendered."""
-    trials = opened.optuna_study.get_trials(deepcopy=False, states=FINISHED)
-    per_trial = opened.study.seeds_per_trial
-    return sum(
-        len(t.user_attrs.get("seeds", ())) if t.user_attrs.get("raced") else per_trial
-        for t in trials
-        if not is_cut_short(t)
-    )
+def counted_trials(opened: OpenedSearch) -> int:
+    return len(counted(opened))
+
+
+def rendered_seeds(trials: list[FrozenTrial], per_trial: int) -> int:
+    """Renders the counted ``trials`` spent: every seed of a trial, but only the seeds a raced-out trial
+    rendered."""
+    return sum(len(t.user_attrs.get("seeds", ())) if t.user_attrs.get("raced") else per_trial for t in trials)
 
 
 def suggest(trial: Trial, param: ParamSpec) -> Any:
@@ -164,11 +162,14 @@ class Asker:
         running; the render budget less the renders of the finished trials and all seeds of the running
         ones (a racing trial may yet render every seed)."""
         room = self.per_call
+        if self.target is None and self.renders is None:
+            return room
+        finished = counted(self.opened)  # one read of the storage for both budgets
         if self.target is not None:
-            room = self.target - counted_trials(self.opened) - running
+            room = self.target - len(finished) - running
         if self.renders is not None:
             per_trial = self.opened.study.seeds_per_trial
-            left = self.renders - rendered_seeds(self.opened) - running * per_trial
+            left = self.renders - rendered_seeds(finished, per_trial) - running * per_trial
             room = min(room, left // per_trial)
         return room
 
