@@ -194,6 +194,11 @@ def add_leaderboard_parser(commands: Commands) -> None:
         default="table",
         help="table (default), markdown, csv (the knob sets) or json (both tables, as numbers)",
     )
+    leaderboard.add_argument(
+        "--wide",
+        action="store_true",
+        help="every column (scores, origin, files) at full knob names, whatever the terminal's width",
+    )
 
 
 def add_export_parser(commands: Commands) -> None:

@@ -9,14 +9,17 @@ Also what the loaders and the search share about paths: whether a model name is 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 
 from sounding_anagrams.errors import ConfigError
 
@@ -65,15 +68,36 @@ def read_yaml_mapping(path: Path, field: str, *, hint: str = "") -> Mapping[str,
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a full disk never leaves half a file behind."""
+    """Write ``text`` to ``path`` whole or not at all: a full disk never leaves half a file behind. The file
+    gets the mode any new file gets here (0644 under the usual umask), not the temporary file's 0600: an
+    MLflow server or a colleague on a shared disk reads it."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~current_umask())
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def machine_lock(path: Path, scope: str = "") -> FileLock:
+    """A lock every process of this machine shares for ``path`` (by its resolved path) and ``scope``, its
+    file kept in the temporary folder (``$TMPDIR/sounding-anagrams-locks-<uid>/``), not beside ``path``: a
+    clean exit leaves no lock file in the user's folders."""
+    folder = Path(tempfile.gettempdir()) / f"sounding-anagrams-locks-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    key = hashlib.sha256(f"{path.resolve()}\0{scope}".encode()).hexdigest()[:32]
+    return FileLock(str(folder / f"{key}.lock"))
+
+
+@cache
+def current_umask() -> int:
+    """The process's umask, read once (reading it means setting it: it is put back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def looks_like_path(name: str) -> bool:

@@ -13,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sounding_anagrams.cli import main
+from sounding_anagrams.numbers import readable
 from sounding_anagrams.search.confirmation import stored_confirmations
 from sounding_anagrams.search.loop import SearchRunner
 from sounding_anagrams.search.opening import SearchSettings
@@ -90,12 +91,13 @@ def test_leaderboard_and_export_name_the_confirmed_winner(confirmed_search, tmp_
     objective = runner.optuna_study.user_attrs["objectives"][0]
     for number, confirmation in confirmations.items():
         assert rows[number][f"{objective} held-out"] == pytest.approx(confirmation.mean[0])
-        assert rows[number][f"{objective} held-out ±95%"] == pytest.approx(confirmation.ci95[0])
+        assert rows[number][f"{objective} held-out ci95"] == pytest.approx(confirmation.ci95[0])
         assert rows[number]["held-out seeds"] == 2
     assert all(row["held-out seeds"] == 0 for n, row in rows.items() if n not in confirmations)
     assert main(["leaderboard", "unit", "--runs", str(runs)]) == 0
     table = capsys.readouterr().out
-    assert "held-out (±95%)" in table and f"{winner.mean[0]:.4f} ±" in table
+    header = next(line for line in table.splitlines() if line.startswith("rank"))
+    assert "held-out" in header.split() and f"{readable(winner.mean[0])} ±" in table
     assert main(["export", "unit", "--runs", str(runs), "--out", str(tmp_path)]) == 0
     exported = tmp_path / f"unit-trial-{winner.trial:04d}.yaml"
     assert str(exported) in capsys.readouterr().out

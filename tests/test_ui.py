@@ -48,9 +48,12 @@ def browser() -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def finished_search(tiny_models, tmp_path_factory) -> tuple[Path, optuna.Study]:
-    """A finished tiny search (4 knob sets), its stores under a folder of its own."""
+    """A finished tiny search (4 knob sets, a view balance among the knobs), its stores under a folder of its
+    own."""
     runs = tmp_path_factory.mktemp("searched")
-    runner = runner_for({**STUDY, "budget": {"trials": 4}}, tiny_models, designed_judges(), runs)
+    space = {**STUDY["space"], "view_balance": {"type": "float", "low": 0.3, "high": 0.7}}
+    study = {**STUDY, "budget": {"trials": 4}, "space": space}
+    runner = runner_for(study, tiny_models, designed_judges(), runs)
     runner.run()
     return runs, runner.optuna_study
 
@@ -86,9 +89,15 @@ def test_make_ui_lands_on_the_leaderboard_and_a_trial_shows_its_pictures_and_sou
         headers = page.locator("[role=columnheader]").all_inner_texts()
         for column in ("Run Name", "Metrics", "Parameters", "objective", "objective/min", "clip/alignment"):
             assert column in headers, (column, headers)
-        # Sorted by objective, best first: the rows read in the leaderboard's order.
+        # Every searched knob under its study-file name, the balance too (it sets view_weights).
+        for column in ("view_balance", "audio_weight", "image_guidance_scale"):
+            assert column in headers, (column, headers)
+        # Sorted by objective, best first: the rows read in the leaderboard's order; only trials, not the
+        # search's own run (a row without metrics).
         names = [n for n in page.locator("a").all_inner_texts() if n.startswith("trial-")]
         assert [n for n in names if n in ranked] == ranked, names
+        body = page.locator("body").inner_text()
+        assert "search 20" not in body, body[:2000]  # the search run is named "search <date> <time>"
         # One click: the best trial, its artifacts, its card with pictures and sound.
         page.get_by_text(ranked[0], exact=True).first.click()
         page.get_by_role("tab", name="Artifacts").click()
@@ -179,3 +188,9 @@ def test_make_dashboard_shows_a_trials_pictures_clip_and_sound(finished_search, 
             wav,
         )
         assert head == "RIFF"
+        # The study page names the objective by its expression on the history plot.
+        page.goto(url.split("/trials?")[0])
+        objective = study.metric_names[0]
+        page.get_by_text(objective).first.wait_for(timeout=120_000)
+        page.screenshot(path=str(shots / "optuna-dashboard-history.png"), full_page=True)
+        assert "Objective 0" not in page.locator("body").inner_text()

@@ -63,7 +63,7 @@ def run_search(args: argparse.Namespace) -> int:
         f"\n{len(states)} trial(s) this run: "
         + ", ".join(f"{states.count(s)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
     )
-    print(leaderboard_text(runner.optuna_study, top=5))
+    print(leaderboard_text(runner.optuna_study, top=5, width=terminal_width()))
     print(
         f"\nOptuna storage: {summary.storage}"
         f"\nMLflow: {runner.tracker.tracking_uri} (make ui RUNS={args.runs})"
@@ -132,7 +132,7 @@ def run_confirm(args: argparse.Namespace) -> int:
     opened.tracker.end_parent()
     already = "" if made else " (the top ones were confirmed already)"
     print(f"confirmed {len(made)} knob set(s) on {spec.seeds} held-out seeds{already}")
-    print(leaderboard_text(opened.optuna_study, top=max(5, spec.top)))
+    print(leaderboard_text(opened.optuna_study, top=max(5, spec.top), width=terminal_width()))
     return 0
 
 
@@ -162,8 +162,27 @@ def run_leaderboard(args: argparse.Namespace) -> int:
     study = _open_study(args)
     from sounding_anagrams.search.report import leaderboard_text
 
-    print(leaderboard_text(study, top=args.top, tracking_uri=args.tracking_uri, format=args.format))
+    print(
+        leaderboard_text(
+            study,
+            top=args.top,
+            tracking_uri=args.tracking_uri,
+            format=args.format,
+            width=terminal_width(),
+            wide=args.wide,
+        )
+    )
     return 0
+
+
+def terminal_width() -> int:
+    """The terminal's columns; 100 when the output is no terminal (a pipe, a file): ``COLUMNS`` first, as
+    :func:`shutil.get_terminal_size` reads it."""
+    import shutil
+
+    from sounding_anagrams.search.report import TERMINAL_WIDTH
+
+    return shutil.get_terminal_size((TERMINAL_WIDTH, 24)).columns
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -233,14 +233,15 @@ def _log_run(
             trial_number=trial.number,
             state="COMPLETE",
             study=optuna_study.study_name,
-            config=study.candidate_config(trial.params).to_dict(),
+            config=study.candidate_config(trial.params).to_dict() | trial.params,
             scores=mean_record([r for r in records if r]),  # the renders that were judged
-            objectives=objective_metrics(confirmation.mean),
+            objectives=objective_metrics(confirmation.mean, study.objective_names),
             folder=Path(confirmation.folder),
             seeds=confirmation.seeds,
             seed_scores=records,
-            seed_objectives=[objective_metrics(v) for v in confirmation.values],
+            seed_objectives=[objective_metrics(v, study.objective_names) for v in confirmation.values],
             kind="confirmation",
+            searched=list(trial.params),
         )
     except Exception as error:
         logger.warning(

@@ -187,7 +187,7 @@ class DeadWorkers:
                 make_missing_clip(frozen.number, outcome)
             knobs: dict[str, Any] = {**frozen.params, "seeds": outcome.seeds}
             with contextlib.suppress(ConfigError):  # a study file changed since: its params are what is known
-                knobs = study.candidate_config(frozen.params).to_dict() | {"seeds": outcome.seeds}
+                knobs = study.candidate_config(frozen.params).to_dict() | knobs
                 knobs.pop("seed", None)
             logger.warning("trial %d: completing its MLflow run, which a stopped search left", frozen.number)
             log_trial(frozen.number, outcome, config=knobs, tags={"reconciled": "true"})

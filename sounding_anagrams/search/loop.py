@@ -398,7 +398,7 @@ class SearchRunner:
         """History or Pareto front, importances and contact sheet of the study, with its best values."""
         from sounding_anagrams.search.pictures import study_pictures
 
-        folder = self.settings.runs_dir / "reports" / self.study_name / str(self.tracker.parent_run_id)
+        folder = self.render_root / "study"  # beside the trials' folders and the gallery
         return study_pictures(
             self.optuna_study, self.study, folder, cache=self.settings.runs_dir / "downloads"
         )

@@ -3,6 +3,8 @@ experiment claimed. Everything here runs once per invocation, before any batch."
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -14,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock
 from optuna.storages import RDBStorage
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, shown_url
+from sounding_anagrams.files import machine_lock
 from sounding_anagrams.search.lifecycle import retry_dead_workers_trial
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
 from sounding_anagrams.search.samplers import make_pruner, make_sampler
@@ -29,6 +31,9 @@ from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, obj
 logger = logging.getLogger(__name__)
 # Score columns of the leaderboard view in MLflow's UI, beside the objective(s) and the searched knobs.
 LEADERBOARD_SCORES = ("clip/alignment", "clip/concealment", "clap/audio0")
+# The study's definition (what makes two runs one experiment): whole as a study system attribute, its
+# fingerprint as a user attribute.
+DEFINITION_ATTR = "definition"
 
 
 @dataclass
@@ -94,7 +99,7 @@ def check_stores(settings: SearchSettings) -> None:
     a trial logged nowhere browsable would have to be logged again by hand.
     """
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(settings.runs_dir / ".optuna.lock")):
+    with machine_lock(settings.runs_dir, "optuna"):
         check_sqlite_file(settings.storage_url)
         ensure_database(settings.storage_url, field="--storage")
         open_storage(settings.storage_url)
@@ -125,7 +130,7 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
     # Optuna warns at each ask that heartbeats are meant for study.optimize; this search sends them itself.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(settings.runs_dir / ".optuna.lock")):
+    with machine_lock(settings.runs_dir, "optuna"):
         storage = open_storage(url, on_stale_trial=retry_dead_workers_trial)
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         seed = (
@@ -146,7 +151,9 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
                 label = "baseline" if study.baseline and index == 0 else f"start point {index}"
                 optuna_study.enqueue_trial(dict(point), user_attrs={"start_point": label})
     check_directions(optuna_study, study, url)
-    check_definition(optuna_study, study, url)
+    # optuna-dashboard, the `optuna` CLI and trials_dataframe() name each objective by its expression.
+    optuna_study.set_metric_names(study.objective_names)
+    check_definition(optuna_study, study, url, storage)
     for key, value in {
         "study_file": study.source,
         "runs_dir": str(settings.runs_dir.resolve()),
@@ -162,7 +169,7 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
     # Where every worker's trials are browsed and downloaded from (leaderboard, export, on any machine).
     optuna_study.set_user_attr("tracking_uri", shown_url(tracker.tracking_uri))
     optuna_study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
-    metrics = list(objective_metrics([0.0] * len(study.objectives)))
+    metrics = list(objective_metrics([0.0] * len(study.objectives), study.objective_names))
     tracker.set_leaderboard_view(
         [
             *(f"metrics.`{metric}`" for metric in metrics),
@@ -172,6 +179,7 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
             "tags.`state`",
         ],
         order_by=metrics[0],
+        ascending=study.directions[0] == "minimize",
     )
     return OpenedSearch(study, settings, name, storage, optuna_study, artifact_store, render_root, tracker)
 
@@ -217,16 +225,30 @@ def study_definition(study: StudyConfig) -> dict[str, Any]:
     }
 
 
-def check_definition(optuna_study: optuna.Study, study: StudyConfig, url: str) -> None:
+def definition_fingerprint(definition: dict[str, Any]) -> str:
+    """A short, stable name of a study definition: ``sha256:`` and 12 hex digits of its canonical JSON."""
+    canonical = json.dumps(definition, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def check_definition(
+    optuna_study: optuna.Study, study: StudyConfig, url: str, storage: optuna.storages.BaseStorage
+) -> None:
     """Refuse to add this study file's trials to a stored study of the same name defined otherwise.
 
     What defines a study (the fixed render fields, objectives, space, seeds and aggregate) is recorded when
     it is created; budget, batch, sampler and pruner may change between runs.
     """
     definition = study_definition(study)
-    stored = optuna_study.user_attrs.get("definition")
+    study_id = storage.get_study_id_from_name(optuna_study.study_name)
+    stored = storage.get_study_system_attrs(study_id).get(DEFINITION_ATTR)
+    if stored is None and isinstance(optuna_study.user_attrs.get(DEFINITION_ATTR), dict):
+        stored = optuna_study.user_attrs[DEFINITION_ATTR]  # recorded as a user attribute before
     if stored is None:
-        optuna_study.set_user_attr("definition", definition)
+        # The whole definition where no client shows it; a short fingerprint where every client does
+        # (`optuna studies` printed rows of 1,500 characters with the whole of it).
+        storage.set_study_system_attr(study_id, DEFINITION_ATTR, definition)
+        optuna_study.set_user_attr(DEFINITION_ATTR, definition_fingerprint(definition))
         return
     stored = {"seeds": "independent", **stored}  # recorded before `seeds:` existed: each trial had its own
     differs = sorted(key for key in {*stored, *definition} if stored.get(key) != definition.get(key))
@@ -270,7 +292,7 @@ def claim_render_root(runs_dir: Path, name: str, study: optuna.Study) -> Path:
         uid = uuid.uuid4().hex
         study.set_user_attr("uid", uid)
     renders = runs_dir / "renders"
-    with FileLock(str(runs_dir / ".renders.lock")):
+    with machine_lock(runs_dir, "renders"):
         for root in (renders / name, renders / f"{name}-{uid[:12]}"):
             marker = root / ".study"
             if marker.exists() and marker.read_text(encoding="utf-8").strip() == uid:

@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 from PIL import Image, ImageDraw
 
 from sounding_anagrams.errors import SoundingAnagramsError
-from sounding_anagrams.search.report import SHOWN_SCORES, ranked_trials, render_files, shown_number
+from sounding_anagrams.numbers import readable as readable_number
+from sounding_anagrams.search.report import SHOWN_SCORES, ranked_trials, render_files
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics
 
@@ -113,7 +114,12 @@ def study_pictures(
     if ranked:
         best = ranked[0].trial
         metrics["best/trial"] = float(best.number)
-        metrics.update({f"best/{key}": value for key, value in objective_metrics(best.values).items()})
+        metrics.update(
+            {
+                f"best/{key}": value
+                for key, value in objective_metrics(best.values, config.objective_names).items()
+            }
+        )
     return files, metrics
 
 
@@ -153,6 +159,18 @@ def fitted(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + "..."
 
 
+def wrapped(draw: ImageDraw.ImageDraw, items: list[str], font: Any, width: int) -> list[str]:
+    """``items`` joined three spaces apart onto lines of at most ``width`` pixels (an item is never split)."""
+    lines: list[str] = []
+    for item in items:
+        joined = f"{lines[-1]}   {item}" if lines else item
+        if lines and draw.textlength(joined, font=font) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(item)
+    return lines
+
+
 def contact_sheet(
     study: optuna.Study, path: Path, top: int = 6, width: int = 512, *, cache: Path | None = None
 ) -> Path | None:
@@ -184,35 +202,43 @@ def contact_sheet(
             image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
             for image in images
         ]
-        values = ", ".join(f"{v:.4f}" for v in r.trial.values)
+        values = ", ".join(readable_number(v) for v in r.trial.values)
         seed = r.trial.user_attrs.get("best_seed")
         label = f"#{r.rank}  trial {r.trial.number}: {values}" + (
             "" if seed is None else f"  (its best seed, {seed})"
         )
         scores = r.trial.user_attrs.get("scores", {})
-        details = [f"{name} {scores[name]:.4f}" for name in SHOWN_SCORES if name in scores]
-        details += [f"{name} {shown_number(value)}" for name, value in sorted(r.trial.params.items())]
-        rows.append((label + "\n" + "   ".join(details), images))
+        details = [f"{name} {readable_number(scores[name])}" for name in SHOWN_SCORES if name in scores]
+        details += [f"{name} {readable_number(value)}" for name, value in sorted(r.trial.params.items())]
+        rows.append((label, details, images))
     if not rows:
         return None
     font, small = sheet_font(20), sheet_font(16)
-    label_h, header_h, pad = 50, 46, 8
-    row_heights = [label_h + max(i.height for i in images) for _, images in rows]
-    row_width = max(sum(i.width + pad for i in images) for _, images in rows)
+    header_h, pad, line_h = 46, 8, 20
+    row_width = max(sum(i.width + pad for i in images) for _, _, images in rows)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # Every knob is read: the details wrap onto as many lines as the row's width needs, never cut.
+    detail_lines = [wrapped(measure, details, small, row_width - 4) for _, details, _ in rows]
+    label_heights = [28 + line_h * len(lines) for lines in detail_lines]
+    row_heights = [
+        h + max(i.height for i in images) for h, (_, _, images) in zip(label_heights, rows, strict=True)
+    ]
     sheet = Image.new("RGB", (row_width, header_h + sum(row_heights) + pad * len(rows)), "white")
     draw = ImageDraw.Draw(sheet)
     x = 0
-    for header, image in zip(headers, rows[0][1], strict=False):
+    for header, image in zip(headers, rows[0][2], strict=False):
         for line, text in enumerate(header.splitlines()):
             draw.text(
                 (x + 2, 2 + 21 * line), fitted(draw, text, small, image.width - 4), fill="#444", font=small
             )
         x += image.width + pad
     y = header_h
-    for (label, images), height in zip(rows, row_heights, strict=True):
-        title, knobs = label.split("\n", 1)
+    for (title, _, images), lines, label_h, height in zip(
+        rows, detail_lines, label_heights, row_heights, strict=True
+    ):
         draw.text((2, y + 2), title, fill="black", font=font)
-        draw.text((2, y + 26), fitted(draw, knobs, small, row_width - 4), fill="#444", font=small)
+        for index, detail in enumerate(lines):
+            draw.text((2, y + 26 + line_h * index), detail, fill="#444", font=small)
         x = 0
         for image in images:
             sheet.paste(image, (x, y + label_h))

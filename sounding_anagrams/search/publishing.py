@@ -56,6 +56,7 @@ class Publisher:
     ) -> None:
         """The trial's MLflow run (knobs, scores, per-seed values, previews, card and files)."""
         opened = self.opened
+        names = opened.study.objective_names
         try:
             frozen = opened.storage.get_trial(opened.trial_id(number))
             if "retry_of" in frozen.user_attrs:
@@ -68,16 +69,19 @@ class Publisher:
                 study=opened.name,
                 config=config,
                 scores=outcome.scores,
-                objectives=objective_metrics(outcome.values),
+                objectives=objective_metrics(outcome.values, names),
                 previews=previews,
                 folder=outcome.folder,
                 reason=outcome.reason,
                 seeds=outcome.seeds,
                 seed_scores=outcome.seed_scores,
-                seed_objectives=[objective_metrics(v) for v in outcome.seed_values],
+                seed_objectives=[objective_metrics(v, names) for v in outcome.seed_values],
                 best_seed=outcome.best_seed,
                 tags=tags,
                 run_id=outcome.run_id,
+                started=frozen.datetime_start,
+                searched=list(frozen.params),
+                ended=frozen.datetime_complete,
             )
         except Exception as error:  # MLflow is the browsable copy; Optuna already has the trial
             logger.warning("trial %d was not logged to MLflow: %s", number, one_line(error))

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from sounding_anagrams.errors import (
     unknown_name_message,
 )
 from sounding_anagrams.evaluation.metrics import summarize
+from sounding_anagrams.numbers import readable, signed
 from sounding_anagrams.search.stores import check_sqlite_file, open_storage
+from sounding_anagrams.search.study import balance_weights
 from sounding_anagrams.search.tracking import is_server, run_link
 
 logger = logging.getLogger(__name__)
@@ -107,6 +110,10 @@ HELD_OUT = "held-out"
 RACED = "raced"
 SEEDS_RENDERED = "seeds rendered"
 CONFIRMATIONS_ATTR = "confirmations"
+# Column suffixes of an objective's spread over a trial's seeds (ASCII: CSV headers are read by programs).
+MIN_OVER_SEEDS, MAX_OVER_SEEDS, CI95 = "min over seeds", "max over seeds", "ci95"
+# The table's width when the output is no terminal (a pipe, a file): what a person pastes reads well.
+TERMINAL_WIDTH = 100
 
 
 @dataclass
@@ -222,13 +229,18 @@ def paired_difference(trial: FrozenTrial, leader: FrozenTrial, objective: int = 
 class Leaderboard:
     """A study's leaderboard as two pandas tables: ``knob_sets`` (ranked by the aggregate over seeds, each
     objective with its seeds' min, max and 95% half-width, then the mean scores, the knobs, where each came
-    from and where its files are) and ``renders`` (the best single renders: trial, seed, values, folder)."""
+    from and where its files are) and ``renders`` (the best single renders: trial, seed, values, folder).
+
+    A person reads :meth:`render`'s ``table``: the rank, value, spread and searched knobs (short names and a
+    legend) in the terminal's width; ``wide=True`` every column. CSV and JSON carry everything at full
+    precision under ASCII names."""
 
     study_name: str
     counts: dict[str, int]
     seeds_per_trial: int
     aggregate: str
     objectives: list[str]
+    knobs: list[str]
     knob_sets: pd.DataFrame
     renders: pd.DataFrame
 
@@ -240,9 +252,10 @@ class Leaderboard:
             + f"; each knob set is judged on {self.seeds_per_trial} seed(s), by their {self.aggregate}"
         )
 
-    def render(self, format: str = "table") -> str:
-        """The leaderboard as text: a person's ``table``, ``markdown`` (both tables), ``csv`` (the knob sets)
-        or ``json`` (everything, numbers as numbers)."""
+    def render(self, format: str = "table", *, width: int = TERMINAL_WIDTH, wide: bool = False) -> str:
+        """The leaderboard as text: a person's ``table`` (at most ``width`` characters a line, unless
+        ``wide``), ``markdown`` (both tables), ``csv`` (the knob sets) or ``json`` (everything, numbers as
+        numbers)."""
         if format == "csv":
             return self.knob_sets.to_csv(index=False)
         if format == "json":
@@ -252,94 +265,184 @@ class Leaderboard:
                     "trials": self.counts,
                     "seeds_per_trial": self.seeds_per_trial,
                     "aggregate": self.aggregate,
+                    "objectives": self.objectives,
                     "knob_sets": json.loads(self.knob_sets.to_json(orient="records")),
                     "best_renders": json.loads(self.renders.to_json(orient="records")),
                 },
                 indent=2,
             )
+        lines = textwrap.wrap(self.summary, width) if format == "table" and not wide else [self.summary]
         if self.knob_sets.empty:
-            return f"{self.summary}\nno completed trial yet"
+            return "\n".join([*lines, "no completed trial yet"])
         title = f"knob sets, ranked by the {self.aggregate} over their seeds"
         renders_title = "best single renders" + (
             " (by the sum of the objectives)" if len(self.objectives) > 1 else ""
         )
-        pareto_note = "\n* on the Pareto front" if "pareto" in self.knob_sets else ""
+        knob_sets, renders = self._shown_knob_sets(wide), self._shown_renders(wide)
         if format == "markdown":
-            return (
-                f"{self.summary}\n\n### {title}\n\n{self._shown_knob_sets().to_markdown(index=False)}"
-                f"{pareto_note}\n\n### {renders_title}\n\n{self._shown_renders().to_markdown(index=False)}"
+            return "\n".join(
+                [
+                    *lines,
+                    f"\n### {title}\n",
+                    knob_sets.to_markdown(index=False),
+                    f"\n### {renders_title}\n",
+                    renders.to_markdown(index=False),
+                    "",
+                    *self.legend(wide),
+                ]
             )
-        return (
-            f"{self.summary}\n\n{title}\n{_plain(self._shown_knob_sets())}{pareto_note}"
-            f"\n\n{renders_title}\n{_plain(self._shown_renders())}"
+        left_out: list[str] = []
+        if not wide:
+            knob_sets, left_out = _fit(knob_sets, width)
+        legend = self.legend(wide) + ([f"left out for width: {', '.join(left_out)}"] if left_out else [])
+        return "\n".join(
+            [
+                *lines,
+                "",
+                title,
+                _plain(knob_sets),
+                "",
+                renders_title,
+                _plain(renders),
+                "",
+                *(line for item in legend for line in (textwrap.wrap(item, width) if not wide else [item])),
+            ]
         )
 
-    def _shown_knob_sets(self) -> pd.DataFrame:
-        """The knob sets as a person reads them: 4 decimals, and each objective followed by its seeds'
-        ``min..max`` and ``±95%`` (column names that repeat for several objectives)."""
+    def objective_label(self, index: int) -> str:
+        """An objective's column in the table: ``objective`` (``objective 1``, ``objective 2``, ... for
+        several); the legend gives its expression."""
+        return "objective" if len(self.objectives) == 1 else f"objective {index + 1}"
+
+    def legend(self, wide: bool = False) -> list[str]:
+        """What the table's short names stand for."""
+        objectives = "; ".join(
+            f"{self.objective_label(j)} = {name}, the {self.aggregate} over seeds"
+            for j, name in enumerate(self.objectives)
+        )
+        lines = [objectives]
+        if not wide and self.knobs:
+            lines.append(
+                "knobs: " + ", ".join(f"{short} = {name}" for name, short in short_names(self.knobs).items())
+            )
+        lines.append(
+            "±: the 95% interval's half-width over seeds; `leaderboard --wide`: every column and the files; "
+            "--format csv or json: full precision"
+        )
+        return lines
+
+    def _shown_knob_sets(self, wide: bool) -> pd.DataFrame:
+        """The knob sets as a person reads them (4 significant digits): rank, each objective with its 95%
+        half-width and its seeds' min..max, the seeds rendered, the held-out mean where there is, the searched
+        knobs (short names unless ``wide``) and the paired difference to the leader.
+        ``wide`` adds the mean scores, where each came from and its files."""
         frame = self.knob_sets
         marks = frame["pareto"].map({True: "*", False: ""}) if "pareto" in frame else ""
-        columns = [("rank", frame["rank"].astype(str) + marks), ("trial", frame["trial"].astype(str))]
-        spread = {"rank", "pareto", "trial", "origin", "where", RACED}
-        for name in self.objectives:
-            low, high, ci95 = f"{name} seeds min", f"{name} seeds max", f"{name} ±95%"
-            spread |= {name, low, high, ci95}
+        columns: list[tuple[str, pd.Series]] = [
+            ("rank", frame["rank"].astype(str) + marks),
+            ("trial", frame["trial"].astype(str)),
+        ]
+        for j, name in enumerate(self.objectives):
+            label = self.objective_label(j)
             columns += [
-                (name, frame[name].map(_four)),
-                ("seeds min..max", frame[low].map(_four) + ".." + frame[high].map(_four)),
-                ("±95%", frame[ci95].map(shown_number)),
+                (label, _with_interval(frame[name], frame[f"{name} {CI95}"])),
+                (
+                    f"{label} min..max over seeds" if len(self.objectives) > 1 else "min..max over seeds",
+                    frame[f"{name} {MIN_OVER_SEEDS}"].map(readable)
+                    + ".."
+                    + frame[f"{name} {MAX_OVER_SEEDS}"].map(readable),
+                ),
             ]
-        for name in self.objectives if f"{HELD_OUT} seeds" in frame else []:
-            mean, ci95 = frame[f"{name} {HELD_OUT}"], frame[f"{name} {HELD_OUT} ±95%"]
-            spread |= {f"{name} {HELD_OUT}", f"{name} {HELD_OUT} ±95%", f"{HELD_OUT} seeds"}
-            columns.append(
-                (
-                    f"{HELD_OUT} (±95%)",
-                    pd.Series(
-                        [
-                            "" if m is None or pd.isna(m) else f"{_four(m)} ±{shown_number(c)}"
-                            for m, c in zip(mean, ci95, strict=True)
-                        ],
-                        index=frame.index,
-                    ),
-                )
-            )
-        if VS_LEADER in frame:
-            spread |= {VS_LEADER, f"{VS_LEADER} ±95%", f"{VS_LEADER} seeds"}
-            columns.append(
-                (
-                    "vs leader, same seeds (±95%)",
-                    frame.apply(
-                        lambda row: (
-                            ""
-                            if row["rank"] == 1 or not row[f"{VS_LEADER} seeds"]
-                            else f"{_signed(row[VS_LEADER])} ±{shown_number(row[f'{VS_LEADER} ±95%'])}"
-                        ),
-                        axis=1,
-                    ),
-                )
-            )
-        columns += [(c, frame[c].map(shown_number)) for c in frame.columns if c not in spread]
         if RACED in frame:
-            spread.add(SEEDS_RENDERED)
-            raced = [
-                f"after {n} seeds" if was_raced else ""
+            rendered = [
+                f"{n} raced" if was_raced else str(n)
                 for was_raced, n in zip(frame[RACED], frame[SEEDS_RENDERED], strict=True)
             ]
-            columns.append((RACED, pd.Series(raced, index=frame.index)))
+            columns.append(("seeds", pd.Series(rendered, index=frame.index)))
+        for j, name in enumerate(self.objectives if f"{HELD_OUT} seeds" in frame else []):
+            label = "held-out" if len(self.objectives) == 1 else f"held-out {j + 1}"
+            columns.append(
+                (label, _with_interval(frame[f"{name} {HELD_OUT}"], frame[f"{name} {HELD_OUT} {CI95}"]))
+            )
+        names = self.knobs if wide else list(short_names(self.knobs).values())
         columns += [
-            ("origin", frame["origin"]),
-            ("where (folder, or run on the MLflow server)", frame["where"]),
+            (shown_name, frame[name].map(readable))
+            for name, shown_name in zip(self.knobs, names, strict=True)
         ]
+        if VS_LEADER in frame:
+            leader = (frame["rank"] == 1) | (frame[f"{VS_LEADER} seeds"] == 0)
+            shown = [
+                "" if first else f"{signed(mean)} ±{readable(ci95)}"
+                for first, mean, ci95 in zip(
+                    leader, frame[VS_LEADER], frame[f"{VS_LEADER} {CI95}"], strict=True
+                )
+            ]
+            columns.append(("vs leader, same seeds", pd.Series(shown, index=frame.index)))
+        if wide:
+            known = {column for column in frame.columns if column.startswith(tuple(self.objectives))}
+            known |= {"rank", "pareto", "trial", "origin", "where", RACED, SEEDS_RENDERED, *self.knobs}
+            known |= {column for column in frame.columns if column.startswith((HELD_OUT, VS_LEADER))}
+            columns += [(c, frame[c].map(readable)) for c in frame.columns if c not in known]
+            columns += [
+                ("origin", frame["origin"]),
+                ("files (folder, or run on the MLflow server)", frame["where"]),
+            ]
         shown = pd.concat([series for _, series in columns], axis=1)
         shown.columns = [name for name, _ in columns]
         return shown
 
-    def _shown_renders(self) -> pd.DataFrame:
-        shown = self.renders.astype({"rank": str, "trial": str, "seed": str, "seed value": str})
-        for name in self.objectives:
-            shown[name] = self.renders[name].map(_four)
+    def _shown_renders(self, wide: bool) -> pd.DataFrame:
+        shown = pd.DataFrame(
+            {
+                "rank": self.renders["rank"].astype(str),
+                "trial": self.renders["trial"].astype(str),
+                "seed index": self.renders["seed index"].astype(str),
+                "seed": self.renders["seed"].astype(str),
+            }
+        )
+        for j, name in enumerate(self.objectives):
+            shown[self.objective_label(j)] = self.renders[name].map(readable)
+        if wide:
+            shown["files"] = self.renders["where"]
         return shown
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """Short column names of knobs, their words' initials: ``view_balance`` -> ``vb``,
+    ``image_guidance_scale`` -> ``igs`` (a second ``vb`` would be ``vb2``)."""
+    shorts: dict[str, str] = {}
+    for name in names:
+        short = "".join(word[0] for word in name.split("_") if word) or name
+        candidate, n = short, 2
+        while candidate in shorts.values():
+            candidate, n = f"{short}{n}", n + 1
+        shorts[name] = candidate
+    return shorts
+
+
+def _with_interval(values: pd.Series, ci95: pd.Series) -> pd.Series:
+    """``0.6124 ±0.0213`` (blank where there is no value)."""
+    return pd.Series(
+        [
+            "" if v is None or pd.isna(v) else f"{readable(v)} ±{readable(c)}"
+            for v, c in zip(values, ci95, strict=True)
+        ],
+        index=values.index,
+    )
+
+
+def _fit(frame: pd.DataFrame, width: int) -> tuple[pd.DataFrame, list[str]]:
+    """The table's columns from the left that fit ``width`` characters, and the names of those left out
+    (the rank, trial and first value always stay)."""
+    kept = 0
+    total = -2
+    for name in frame.columns:
+        column_width = max(len(str(name)), *(len(str(v)) for v in frame[name])) + 2
+        if kept >= 3 and total + column_width > width:
+            break
+        total += column_width
+        kept += 1
+    return frame.iloc[:, :kept], [str(name) for name in frame.columns[kept:]]
 
 
 def _plain(frame: pd.DataFrame) -> str:
@@ -376,20 +479,27 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
         row["trial"] = r.trial.number
         for name, value, spread in zip(objectives, r.trial.values, seed_spread(r.trial), strict=True):
             row[name] = value
-            row[f"{name} seeds min"], row[f"{name} seeds max"] = spread["min"], spread["max"]
-            row[f"{name} ±95%"] = spread["ci95"]
+            row[f"{name} {MIN_OVER_SEEDS}"], row[f"{name} {MAX_OVER_SEEDS}"] = spread["min"], spread["max"]
+            row[f"{name} {CI95}"] = spread["ci95"]
         if len(study.directions) == 1:  # the leader is rank 1; several objectives have no one leader
             difference = paired_difference(r.trial, ranked[0].trial)
-            row[VS_LEADER], row[f"{VS_LEADER} ±95%"] = difference["mean"], difference["ci95"]
+            row[VS_LEADER], row[f"{VS_LEADER} {CI95}"] = difference["mean"], difference["ci95"]
             row[f"{VS_LEADER} seeds"] = difference["n"]
         if confirmed:
             held_out = confirmed.get(r.trial.number)
             for j, name in enumerate(objectives):
                 row[f"{name} {HELD_OUT}"] = held_out["mean"][j] if held_out else None
-                row[f"{name} {HELD_OUT} ±95%"] = held_out["ci95"][j] if held_out else None
+                row[f"{name} {HELD_OUT} {CI95}"] = held_out["ci95"][j] if held_out else None
             row[f"{HELD_OUT} seeds"] = len(held_out["seeds"]) if held_out else 0
         row.update({name: r.trial.user_attrs.get("scores", {}).get(name) for name in scores})
         row.update({name: r.trial.params.get(name) for name in params})
+        # Beside a balance, the weights it set (what a config file says).
+        for balance, weights in (
+            ("view_balance", "view_weights"),
+            ("audio_view_balance", "audio_view_weights"),
+        ):
+            if balance in r.trial.params:
+                row[weights] = json.dumps(balance_weights(r.trial.params[balance]))
         if any_raced:
             row[RACED] = bool(r.trial.user_attrs.get("raced"))
             row[SEEDS_RENDERED] = len(r.trial.user_attrs.get("seed_values", []))
@@ -400,8 +510,8 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
         {
             "rank": i + 1,
             "trial": r.trial.number,
-            "seed": r.seed_index,
-            "seed value": r.seed,
+            "seed index": r.seed_index,
+            "seed": r.seed,
             **dict(zip(objectives, r.values, strict=False)),
             "where": trial_location(study, r.trial, r.seed_index, tracking_uri=tracking_uri),
         }
@@ -413,16 +523,23 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
         seeds_per_trial=study.user_attrs.get("seeds_per_trial", 1),
         aggregate=study.user_attrs.get("aggregate", "mean"),
         objectives=list(objectives),
+        knobs=params,
         knob_sets=pd.DataFrame(rows),
-        renders=pd.DataFrame(renders, columns=["rank", "trial", "seed", "seed value", *objectives, "where"]),
+        renders=pd.DataFrame(renders, columns=["rank", "trial", "seed index", "seed", *objectives, "where"]),
     )
 
 
 def leaderboard_text(
-    study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None, format: str = "table"
+    study: optuna.Study,
+    top: int = 10,
+    *,
+    tracking_uri: str | None = None,
+    format: str = "table",
+    width: int = TERMINAL_WIDTH,
+    wide: bool = False,
 ) -> str:
     """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
-    return leaderboard(study, top, tracking_uri=tracking_uri).render(format)
+    return leaderboard(study, top, tracking_uri=tracking_uri).render(format, width=width, wide=wide)
 
 
 def trial_origin(trial: FrozenTrial) -> str:
@@ -432,20 +549,6 @@ def trial_origin(trial: FrozenTrial) -> str:
     if "retry_of" in trial.user_attrs:
         parts.append(f"retry of {trial.user_attrs['retry_of']}")
     return ", ".join(parts) or "-"
-
-
-def _signed(value: float) -> str:
-    return f"{value:+.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
-
-
-def _four(value: float) -> str:
-    return f"{value:.4f}"
-
-
-def shown_number(value: Any) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def confirmed_winner(study: optuna.Study, confirmed: dict[int, dict[str, Any]]) -> int | None:
@@ -458,6 +561,12 @@ def confirmed_winner(study: optuna.Study, confirmed: dict[int, dict[str, Any]]) 
         if number in complete and record["mean"] and math.isfinite(record["mean"][0])
     }
     return max(scored, key=lambda number: (scored[number], -number)) if scored else None
+
+
+def searched_knobs(params: dict[str, Any]) -> str:
+    """A trial's knobs under their study-file names at full precision, e.g. ``view_balance: 0.3,
+    audio_weight: 0.4512`` (a balance is what was searched; the config below holds the weights it set)."""
+    return ", ".join(f"{name}: {value!r}" for name, value in params.items())
 
 
 def export_best(
@@ -489,24 +598,25 @@ def export_best(
         source = render_files(study, r.trial, best_seed, downloads, tracking_uri=tracking_uri)
         source = source / "config.yaml"
         values = ", ".join(
-            f"{name} = {value:.4f}" for name, value in zip(objectives, r.trial.values, strict=False)
+            f"{name} = {readable(value)}" for name, value in zip(objectives, r.trial.values, strict=False)
         )
         seeds = attrs.get("seeds", [])
         best = attrs.get("best_seed", 0)
         per_seed = "; ".join(
-            f"seed {seed}: " + ", ".join(f"{v:.4f}" for v in values_k)
+            f"seed {seed}: " + ", ".join(readable(v) for v in values_k)
             for seed, values_k in zip(seeds, attrs.get("seed_values", []), strict=False)
         )
         header = (
             f"# study {study.study_name}, trial {r.trial.number}: "
             f"{how} over {len(seeds) or 1} seed(s): {values}\n"
         )
+        header += f"# knobs searched: {searched_knobs(r.trial.params)}\n"
         if per_seed:
             header += f"# per seed: {per_seed}\n# this file is its best seed, {seeds[best]}\n"
         held_out = confirmed.get(r.trial.number)
         if held_out:
             shown = ", ".join(
-                f"{name} = {mean:.4f} ±{ci95:.4f}"
+                f"{name} = {readable(mean)} ±{readable(ci95)}"
                 for name, mean, ci95 in zip(objectives, held_out["mean"], held_out["ci95"], strict=False)
             )
             count = len(held_out["seeds"])

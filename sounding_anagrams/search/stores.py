@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import FileLock
 
 from sounding_anagrams.errors import ConfigError, database_reason, shown_url
+from sounding_anagrams.files import machine_lock
 
 HEARTBEAT_SECONDS = 30
 GRACE_SECONDS = 300
@@ -55,8 +55,8 @@ def check_sqlite_file(url: str) -> None:
 def storage_lock(url: str, scope: str = "") -> Iterator[None]:
     """A lock every process using the storage at ``url`` shares, one per ``scope`` ("" for the schema).
 
-    sqlite: a lock file beside the database file (``optuna.db.lock``, ``optuna.db.<scope>.lock``), so every
-    process on the machine shares it, whatever its ``--runs``. PostgreSQL: a session advisory lock on the
+    sqlite: a lock of the database file's (:func:`~sounding_anagrams.files.machine_lock`), so every process
+    on the machine shares it, whatever its ``--runs``. PostgreSQL: a session advisory lock on the
     server (this project's key and the scope's CRC-32), shared by every machine. Other databases: none.
     """
     from sqlalchemy import create_engine, text
@@ -66,8 +66,7 @@ def storage_lock(url: str, scope: str = "") -> Iterator[None]:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.database and has_shared_lock(url):
-        suffix = f".{zlib.crc32(scope.encode()):08x}.lock" if scope else ".lock"
-        with FileLock(f"{Path(parsed.database).resolve()}{suffix}"):
+        with machine_lock(Path(parsed.database), scope):
             yield
     elif backend == "postgresql":
         keys = {"project": POSTGRES_LOCK_KEY, "scope": zlib.crc32(scope.encode()) - 2**31}

@@ -483,6 +483,11 @@ class StudyConfig:
         return max(1, self.batch // self.seeds_per_round)
 
     @property
+    def objective_names(self) -> list[str]:
+        """The objectives' expressions, their names in Optuna (``set_metric_names``) and MLflow."""
+        return [objective.spec for objective in self.objectives]
+
+    @property
     def directions(self) -> list[Literal["minimize", "maximize"]]:
         return [MINIMIZE if objective.direction == MINIMIZE else MAXIMIZE for objective in self.objectives]
 
@@ -490,10 +495,16 @@ class StudyConfig:
         """The render config of one trial: the fixed part with the trial's parameters applied."""
         changes = {name: value for name, value in params.items() if name not in BALANCE_PARAMS}
         if "view_balance" in params:
-            changes["view_weights"] = [1.0 - params["view_balance"], params["view_balance"]]
+            changes["view_weights"] = balance_weights(params["view_balance"])
         if "audio_view_balance" in params:
-            changes["audio_view_weights"] = [1.0 - params["audio_view_balance"], params["audio_view_balance"]]
+            changes["audio_view_weights"] = balance_weights(params["audio_view_balance"])
         return self.render.replace(**changes)
+
+
+def balance_weights(balance: float) -> list[float]:
+    """The weights ``[1 - b, b]`` a balance sets, ``1 - b`` to 12 decimals: a balance of 0.7 sets
+    ``[0.3, 0.7]``, not ``[0.30000000000000004, 0.7]`` (float noise in every config and export)."""
+    return [round(1.0 - balance, 12), balance]
 
 
 def load_study(path: str | Path, *, tiny: bool = False) -> StudyConfig:

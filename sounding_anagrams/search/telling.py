@@ -164,7 +164,7 @@ class Teller:
         tags = {"retry_of": str(trial.user_attrs["retry_of"])} if "retry_of" in trial.user_attrs else {}
         try:
             outcome.run_id, outcome.artifact_uri = self.tracker.open_trial_run(
-                trial.number, self.study.study_name, tags
+                trial.number, self.study.study_name, tags, started=trial.datetime_start
             )
         except Exception as error:  # MLflow is the browsable copy; Optuna's tell comes first
             logger.warning("trial %d: no MLflow run could be opened: %s", trial.number, one_line(error))

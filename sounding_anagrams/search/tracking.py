@@ -12,23 +12,25 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import subprocess
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from filelock import FileLock
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sounding_anagrams.files import write_text_atomic
+from sounding_anagrams.files import machine_lock, write_text_atomic
+from sounding_anagrams.numbers import readable
 from sounding_anagrams.search.workers import worker_is_dead
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -93,7 +95,7 @@ class Tracker:
         runs_dir.mkdir(parents=True, exist_ok=True)
         # The first touch creates and migrates a local store: one process of this machine at a time (two
         # workers start together).
-        with FileLock(str(runs_dir / ".mlflow.lock")):
+        with machine_lock(runs_dir, "mlflow"):
             self.client = MlflowClient(tracking_uri=self.tracking_uri)
             self.experiment_id = self._experiment(experiment, runs_dir)
         # MLflow's UI opens an experiment of this kind on its runs table (not its GenAI overview of traces).
@@ -122,14 +124,15 @@ class Tracker:
                 raise
             return str(found.experiment_id)
 
-    def set_leaderboard_view(self, columns: Sequence[str], order_by: str) -> None:
+    def set_leaderboard_view(self, columns: Sequence[str], order_by: str, *, ascending: bool = False) -> None:
         """The experiment's "leaderboard" view in MLflow's UI (a shared view, kept as an experiment tag): the
-        runs sorted by ``order_by`` (a metric), with these columns (``metrics.`objective```,
-        ``params.`audio_weight```, ...). :func:`leaderboard_url` opens it."""
+        trial runs (not the search's own run, nor confirmations) sorted by ``order_by`` (a metric), with
+        these columns (``metrics.`objective```, ``params.`view_balance```, ...). :func:`leaderboard_url`
+        opens it."""
         state = {
-            "searchFilter": "",
+            "searchFilter": "tags.trial LIKE '%'",  # only trial runs carry a "trial" tag
             "orderByKey": f"metrics.`{order_by}`",
-            "orderByAsc": False,
+            "orderByAsc": ascending,
             "startTime": "ALL",
             "lifecycleFilter": "Active",
             "datasetsFilter": [],
@@ -224,11 +227,15 @@ class Tracker:
             if run.data.tags.get("trial", "").isdigit() and run.data.tags.get(PENDING_TAG) != "true"
         }
 
-    def open_trial_run(self, trial_number: int, study: str, tags: Mapping[str, str]) -> tuple[str, str]:
+    def open_trial_run(
+        self, trial_number: int, study: str, tags: Mapping[str, str], *, started: datetime | None = None
+    ) -> tuple[str, str]:
         """A trial's run, opened when the trial is told so that Optuna's record names it: (run id, artifact
-        URI). :meth:`log_trial` fills it."""
+        URI). It starts when the trial did (``started``, Optuna's ``datetime_start``). :meth:`log_trial`
+        fills it."""
         run = self.client.create_run(
             self.experiment_id,
+            start_time=milliseconds(started),
             run_name=f"trial-{trial_number:04d}",
             tags={
                 PARENT_TAG: self.parent_run_id or "",
@@ -299,15 +306,20 @@ class Tracker:
         tags: Mapping[str, str] | None = None,
         run_id: str | None = None,
         kind: str = "trial",
+        started: datetime | None = None,
+        ended: datetime | None = None,
+        searched: Sequence[str] = (),
     ) -> str:
         """One nested run per trial (one knob set on several seeds), in ``run_id`` (opened when the trial was
         told) or a new one. Returns the run id. ``kind="confirmation"``: the run of a knob set confirmed on
         held-out seeds (tagged ``confirmation_of`` its trial, not ``trial``: it is not a trial of the search).
+        ``started`` and ``ended`` (Optuna's ``datetime_start``/``datetime_complete``) are the run's times, so
+        MLflow's "Duration" is the trial's rendering and judging, not its logging.
 
         Params: the knob set and its seeds. Metrics: the trial's aggregate objective(s) and mean scores, the
         spread of the objective over seeds (``objective/min``, ``objective/max``), every seed's own values
         (``seed2/objective``, ``seed2/clip/view0``), and the previews as step metrics. Artifacts: the trial
-        folder (``seed-0/``, ``seed-1/``, ...) plus ``card.html``.
+        folder (``seed-0/``, ``seed-1/``, ...) plus ``card.html``, which marks the ``searched`` knobs.
         """
         if kind not in ("trial", "confirmation"):
             raise ValueError(f"kind must be 'trial' or 'confirmation', but got {kind=}.")
@@ -325,8 +337,11 @@ class Tracker:
             run_tags["best_seed"] = str(best_seed)
         if reason:
             run_tags["fail_reason"] = reason[:4000]
+        opened = run_id is not None  # by open_trial_run, with its pending tag
         if run_id is None:
-            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=run_tags).info.run_id
+            run_id = self.client.create_run(
+                self.experiment_id, start_time=milliseconds(started), run_name=name, tags=run_tags
+            ).info.run_id
         try:
             values: dict[str, float] = {**scores, **objectives}
             for name in objectives:
@@ -362,6 +377,7 @@ class Tracker:
                         seed_objectives=seed_objectives,
                         best_seed=best_seed,
                         run_id=run_id,
+                        searched=searched,
                     ),
                 )
                 self.store_artifacts(run_id, folder)
@@ -369,26 +385,53 @@ class Tracker:
             # A run left RUNNING would look alive forever: end it, saying why its record is incomplete.
             try:
                 self.client.set_tag(run_id, "logging_error", str(error)[:4000])
-                self.client.set_tag(run_id, PENDING_TAG, "false")  # ended, as far as it goes
-                self.client.set_terminated(run_id, status="FAILED")
+                if opened:
+                    self._clear_pending(run_id)  # ended, as far as it goes
+                self.client.set_terminated(run_id, status="FAILED", end_time=milliseconds(ended))
                 self._closed(run_id)
             except Exception:  # the store itself is what failed (e.g. the disk is full)
                 pass
             raise
-        self.client.set_tag(run_id, PENDING_TAG, "false")
-        self.client.set_terminated(run_id, status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED")
+        if opened:
+            self._clear_pending(run_id)
+        self.client.set_terminated(
+            run_id,
+            status="FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED",
+            end_time=milliseconds(ended),
+        )
         self._closed(run_id)
         return run_id
 
+    def _clear_pending(self, run_id: str) -> None:
+        """The run is complete: its ``pending`` tag, which means nothing to a person, goes."""
+        try:
+            self.client.delete_tag(run_id, PENDING_TAG)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":  # a run logged in one go never had it
+                raise
 
-def objective_metrics(values: Sequence[float]) -> dict[str, float]:
-    """MLflow names of objective values: ``objective`` (or ``objective0``, ``objective1``, ...).
 
-    The expressions themselves are the parent run's ``objectives`` param: metric names allow no parentheses.
-    """
+def milliseconds(moment: datetime | None) -> int | None:
+    """MLflow's time of a moment (ms since the epoch); ``None`` (now) for none."""
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def objective_metrics(values: Sequence[float], names: Sequence[str] = ()) -> dict[str, float]:
+    """MLflow names of objective values: ``objective`` for one objective (the sort key of the leaderboard
+    view), ``objective/<name>`` for each of several (``objective/clip/alignment``), by the objectives'
+    expressions ``names`` made metric-safe (:func:`metric_name`); ``objective0``, ``objective1``, ... without
+    names (studies recorded before objectives had names in MLflow)."""
     if len(values) == 1:
         return {"objective": values[0]}
+    if len(names) == len(values):
+        return {f"objective/{metric_name(name)}": value for name, value in zip(names, values, strict=True)}
     return {f"objective{i}": value for i, value in enumerate(values)}
+
+
+def metric_name(expression: str) -> str:
+    """An objective's expression as an MLflow metric name, which allows letters, digits, ``_-. :/`` only:
+    ``mean(clip/view0, clap/audio0)`` -> ``mean clip/view0 clap/audio0``."""
+    return " ".join(re.sub(r"[^\w\-. :/]+", " ", expression).split())
 
 
 # In MLflow's artifact viewer a card is shown from a blob: URL, where its relative links lead nowhere: this
@@ -427,17 +470,20 @@ def trial_card_html(
     seed_objectives: Sequence[Mapping[str, float]] = (),
     best_seed: int | None = None,
     run_id: str = "",
+    searched: Sequence[str] = (),
 ) -> str:
     """One page of a few kilobytes: per seed the view pictures, spectrogram and sounds (the best seed first,
-    with its clip), then the trial's scores and knob set. The media are the trial folder's own files, linked
-    by relative path, not embedded; inside MLflow's viewer they are fetched from the run's artifacts."""
+    with its clip), then the trial's scores and knob set (the ``searched`` knobs first, marked). The media
+    are the trial folder's own files, linked by relative path, not embedded; inside MLflow's viewer they are
+    fetched from the run's artifacts."""
     esc = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{esc(study)} trial {trial_number}</title>",
         "<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}img{max-width:100%;"
         "image-rendering:pixelated;border:1px solid #ccc}td,th{padding:2px 10px;text-align:left}"
-        "h2{margin-top:1.4em;border-top:1px solid #ddd;padding-top:.6em}.k{color:#555}</style></head><body>",
+        "h2{margin-top:1.4em;border-top:1px solid #ddd;padding-top:.6em}.k{color:#555}"
+        "tr.searched td{font-weight:bold}</style></head><body>",
         f"<h1>{esc(study)}: trial {trial_number} <small class='k'>({esc(state)})</small></h1>",
     ]
     if state == "PRUNED":
@@ -456,7 +502,7 @@ def trial_card_html(
         if not (render / "view0.png").exists():
             continue
         values = seed_objectives[k] if k < len(seed_objectives) else {}
-        label = ", ".join(f"{esc(name)} {value:.4f}" for name, value in values.items())
+        label = ", ".join(f"{esc(name)} {readable(value)}" for name, value in values.items())
         best = " (best)" if k == best_seed else ""
         parts.append(f"<h2>seed {k}{best}: {seeds[k]}</h2><p class='k'>{label}</p>")
         for index in range(len(views)):
@@ -479,9 +525,18 @@ def trial_card_html(
                     f"<h3>sound {index}</h3><p class='k'>{esc(str(prompt))}</p>"
                     + _media("audio", f"seed-{k}/{path.name}", " controls preload='none'")
                 )
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4f}</td></tr>" for k, v in {**objectives, **scores}.items())
+    rows = "".join(
+        f"<tr><td>{esc(k)}</td><td>{readable(v)}</td></tr>" for k, v in {**objectives, **scores}.items()
+    )
     parts.append(f"<h2>scores (mean over seeds)</h2><table>{rows}</table>")
-    rows = "".join(f"<tr><td>{esc(k)}</td><td>{esc(json.dumps(v))}</td></tr>" for k, v in config.items())
+    # The searched knobs first, marked; then the fixed fields of the config (4 significant digits: the
+    # config files and MLflow's params keep every digit).
+    ordered = [k for k in searched if k in config] + [k for k in config if k not in searched]
+    rows = "".join(
+        f"<tr{' class=searched' if k in searched else ''}><td>{esc(k)}</td>"
+        f"<td>{esc(readable(config[k]))}</td><td class='k'>{'searched' if k in searched else ''}</td></tr>"
+        for k in ordered
+    )
     parts.append(f"<h2>knob set</h2><table>{rows}</table>")
     parts.append(_CARD_SCRIPT.replace("RUN_ID", json.dumps(run_id)) + "</body></html>")
     return "\n".join(parts)

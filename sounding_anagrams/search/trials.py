@@ -133,10 +133,11 @@ class TrialPlan:
         )
 
     def knob_set(self) -> dict[str, Any]:
-        """The config without its seed, plus the seeds (MLflow params)."""
+        """The config without its seed, plus the seeds and the searched knobs under their study-file names
+        (``view_balance`` beside the ``view_weights`` it sets): the trial run's MLflow params."""
         knobs = self.config.to_dict()
         knobs.pop("seed")
-        return {**knobs, "seeds": self.seeds}
+        return {**knobs, **self.trial.params, "seeds": self.seeds}
 
 
 @dataclass
