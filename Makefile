@@ -22,15 +22,33 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install browser test render search server ui dashboard prefer confirm leaderboard export bench bench-gpu lint schema clean
+.PHONY: install install-dev install-prefer browser test render search server ui dashboard prefer confirm leaderboard \
+	export bench bench-gpu lint schema clean
+
+# What each job needs, no more: `install` the package (search, render, ui, dashboard, export, bench);
+# `install-prefer` adds BoTorch for `prefer`; `install-dev` the test and lint tools too (`make test`, `make lint`).
+DEV_STAMP := $(VENV)/.installed-dev
+PREFER_STAMP := $(VENV)/.installed-prefer
 
 install: $(STAMP)
+install-dev: $(DEV_STAMP)
+install-prefer: $(PREFER_STAMP)
 
-$(STAMP): pyproject.toml
+$(BIN)/pip:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+
+$(STAMP): pyproject.toml | $(BIN)/pip
+	$(BIN)/pip install -q -e .
 	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+$(PREFER_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[prefer]'
+	touch $(PREFER_STAMP)
 
 # Debian's chromium, headless, for the tests that look at the web pages (MLflow UI, optuna-dashboard) as a
 # person would. Root installs it; elsewhere, install the chromium package yourself.
@@ -41,7 +59,7 @@ browser: $(CHROMIUM)
 $(CHROMIUM):
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
-test: install browser
+test: install-dev browser
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 render: install
@@ -82,7 +100,7 @@ dashboard: install
 # A person steers: `make prefer VIEW=rotate [MODELS=tiny] [FROM_SEARCH=1]` shows candidates side by side in
 # optuna-dashboard; the person clicks the worst, a preferential GP proposes the next.
 FROM_SEARCH ?=
-prefer: install
+prefer: install-prefer
 	$(BIN)/sounding-anagrams prefer studies/$(VIEW).yaml --runs $(RUNS) --port $(DASHBOARD_PORT) \
 		$(if $(MODELS),--models $(MODELS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(FROM_SEARCH),--from-search) \
 		$(if $(STORAGE),--storage $(STORAGE))
@@ -101,7 +119,7 @@ bench-gpu: install
 schema: install
 	$(BIN)/python -m sounding_anagrams.schema
 
-lint: install
+lint: install-dev
 	$(BIN)/ruff check sounding_anagrams tests benchmarks
 	$(BIN)/ruff format --check sounding_anagrams tests benchmarks
 	$(BIN)/mypy
