@@ -61,6 +61,7 @@ from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
 from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
 from sounding_anagrams.search.report import export_best  # noqa: E402
 from sounding_anagrams.search.space import ParamSpec  # noqa: E402
+from sounding_anagrams.search.stores import trial_record  # noqa: E402
 from sounding_anagrams.search.study import StudyConfig, parse_study  # noqa: E402
 from tests.designed_judges import JUDGED_STUDY, LoudnessClap  # noqa: E402
 
@@ -197,7 +198,7 @@ def incumbents(study: optuna.Study) -> list[tuple[int, RenderConfig]]:
     done.sort(key=lambda t: (t.datetime_complete, t.number))
     spent, best, found = 0, -np.inf, []
     for trial in done:
-        spent += len(trial.user_attrs.get("seed_values", []))
+        spent += len(trial_record(trial, "seed_values") or [])
         if not trial.user_attrs.get("raced") and trial.values[0] > best:
             best = trial.values[0]
             config = RenderConfig.from_yaml(Path(trial.user_attrs["render_folder"], "config.yaml"))
@@ -218,7 +219,7 @@ def run_design(
         optuna_study = runner.optuna_study
         trials = optuna_study.get_trials(deepcopy=False)
         confirmed = optuna_study.user_attrs.get("confirmations") or {}
-        renders = sum(len(t.user_attrs.get("seed_values", [])) for t in trials)
+        renders = sum(len(trial_record(t, "seed_values") or []) for t in trials)
         renders += sum(len(record["seeds"]) for record in confirmed.values())
         (exported,) = export_best(optuna_study, Path(runs) / "exports")
         config = RenderConfig.from_yaml(exported)

@@ -391,6 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`leaderboard | head`): nothing more to say to it, and nothing to say about it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except Exception as error:
         # A full disk, a folder that cannot be written, a store that failed in use (a corrupt page read late).
         if is_disk_full(error):

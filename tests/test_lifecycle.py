@@ -40,7 +40,7 @@ class SlowTracker:
         self.answer = threading.Event()
         self.asked = threading.Event()
 
-    def open_trial_run(self, number: int, study: str, tags: dict) -> tuple[str, str]:
+    def open_trial_run(self, number: int, study: str, tags: dict, *, started=None) -> tuple[str, str]:
         self.asked.set()
         assert self.answer.wait(60)
         return f"run-{number}", "file:///nowhere"
@@ -72,7 +72,7 @@ def test_a_tell_stuck_in_a_slow_mlflow_does_not_stop_the_heartbeats(tmp_path: Pa
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     ledger = TrialLedger()
     tracker = SlowTracker()
-    teller = Teller(study, tracker, ledger, lambda n: trial_id_of(storage, "life", n))  # type: ignore[arg-type]
+    teller = Teller(study, tracker, ledger, lambda n: trial_id_of(storage, "life", n), storage)  # type: ignore[arg-type]
     trial = study.ask()
     teller.add([trial])
     telling = threading.Thread(
@@ -98,7 +98,7 @@ def test_a_trial_is_told_once_however_many_threads_tell_it(tmp_path: Path) -> No
     storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
     tracker = SlowTracker()
     tracker.answer.set()
-    teller = Teller(study, tracker, TrialLedger(), lambda n: trial_id_of(storage, "life", n))  # type: ignore[arg-type]
+    teller = Teller(study, tracker, TrialLedger(), lambda n: trial_id_of(storage, "life", n), storage)  # type: ignore[arg-type]
     trial = study.ask()
     teller.add([trial])
     results: list[bool] = []

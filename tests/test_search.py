@@ -29,8 +29,9 @@ from sounding_anagrams.numbers import readable, signed
 from sounding_anagrams.sampler.pipeline import JointSampler
 from sounding_anagrams.search.loop import SearchRunner
 from sounding_anagrams.search.opening import SearchSettings
-from sounding_anagrams.search.report import seed_spread, single_renders
+from sounding_anagrams.search.report import seed_folders, seed_spread, single_renders
 from sounding_anagrams.search.seeds import seed_bank, trial_seeds
+from sounding_anagrams.search.stores import trial_record
 from sounding_anagrams.search.study import load_study, parse_study
 from sounding_anagrams.search.workers import ORPHANED
 from tests.designed_judges import JUDGED_STUDY as STUDY
@@ -90,14 +91,14 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
         # and they are logged.
         assert "seed" not in trial.params
         assert trial.user_attrs["seeds"] == seed_bank(0, 2)
-        per_seed = trial.user_attrs["seed_values"]
+        per_seed = trial_record(trial, "seed_values")
         assert len(per_seed) == 2 and trial.values[0] == pytest.approx(np.mean([v[0] for v in per_seed]))
         for k, seed in enumerate(trial.user_attrs["seeds"]):
-            config = yaml.safe_load(Path(trial.user_attrs["render_folders"][k], "config.yaml").read_text())
+            config = yaml.safe_load(Path(seed_folders(trial)[k], "config.yaml").read_text())
             assert config["seed"] == seed and Path(trial.user_attrs["trial_folder"], f"seed-{k}").is_dir()
         best = trial.user_attrs["best_seed"]
         assert per_seed[best][0] == max(v[0] for v in per_seed)
-        assert trial.user_attrs["render_folder"] == trial.user_attrs["render_folders"][best]
+        assert trial.user_attrs["render_folder"] == seed_folders(trial)[best]
     client, runs = mlflow_trial_runs(tmp_path, "unit")
     assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in trials)
     parent_ids = {r.data.tags["mlflow.parentRunId"] for r in runs}
@@ -106,7 +107,7 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
         trial = next(t for t in trials if t.number == int(run.data.tags["trial"]))
         assert run.data.metrics["objective"] == pytest.approx(trial.values[0])
         per_seed = [run.data.metrics[f"seed{k}/objective"] for k in range(2)]
-        assert per_seed == pytest.approx([v[0] for v in trial.user_attrs["seed_values"]])
+        assert per_seed == pytest.approx([v[0] for v in trial_record(trial, "seed_values")])
         assert run.data.metrics["objective/min"] == pytest.approx(min(per_seed))
         assert run.data.metrics["objective/max"] == pytest.approx(max(per_seed))
         assert {"seed0/clip/view0", "seed1/clap/audio0"} <= set(run.data.metrics)
@@ -397,7 +398,7 @@ def test_export_then_render_reproduces_the_best_candidate(
     # Paired seeds: each knob set's mean difference to the leader on the seeds both rendered.
     second = board_json["knob_sets"][1]
     other = runner.optuna_study.trials[second["trial"]]
-    pairs = zip(other.user_attrs["seed_values"], best.user_attrs["seed_values"], strict=True)
+    pairs = zip(trial_record(other, "seed_values"), trial_record(best, "seed_values"), strict=True)
     paired = [a[0] - b[0] for a, b in pairs]
     assert second["vs leader"] == pytest.approx(np.mean(paired)) and second["vs leader seeds"] == 2
     assert second["vs leader ci95"] > 0 and board_json["knob_sets"][0]["vs leader"] == 0
@@ -428,7 +429,7 @@ def test_export_then_render_reproduces_the_best_candidate(
     # The export is the best knob set at its best seed.
     assert yaml.safe_load(exported.read_text())["seed"] == best.user_attrs["seeds"][best_seed]
     assert main(["render", "--config", str(exported), "--quiet", "--out", str(tmp_path / "again")]) == 0
-    original = Path(best.user_attrs["render_folders"][best_seed])
+    original = Path(seed_folders(best)[best_seed])
     assert (tmp_path / "again" / "config.yaml").read_text() == (original / "config.yaml").read_text()
     for name in ("view0.png", "view1.png", "spectrogram.png"):
         again = np.asarray(Image.open(tmp_path / "again" / name), dtype=int)
@@ -758,9 +759,7 @@ def test_a_full_disk_fails_the_trial_being_written_keeps_the_finished_and_stops_
         assert not Path(trial.user_attrs["trial_folder"], "seed-0").exists()  # nothing half-written
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob(".*.tmp"))
     finished = {
-        path: path.read_bytes()
-        for folder in trials[0].user_attrs["render_folders"]
-        for path in Path(folder).iterdir()
+        path: path.read_bytes() for folder in seed_folders(trials[0]) for path in Path(folder).iterdir()
     }
     client, runs = mlflow_trial_runs(tmp_path, "unit")
     assert all(r.info.status != "RUNNING" for r in runs)

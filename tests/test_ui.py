@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
 from tests.designed_judges import JUDGED_STUDY as STUDY
@@ -147,10 +148,11 @@ def test_make_dashboard_shows_a_trials_pictures_clip_and_sound(finished_search, 
     runs, study = finished_search
     best = study.best_trial
     # Each trial shown carries its media: the best seed's views, spectrogram, clip and sound.
-    media = best.user_attrs["media"]
-    assert {"view0", "view1", "spectrogram", "clip", "audio0"} <= set(media), media
+    storage = optuna.storages.RDBStorage(f"sqlite:///{runs / 'optuna.db'}")
+    media = {meta.filename for meta in get_all_artifact_meta(best, storage=storage)}
+    assert {"view0.png", "view1.png", "spectrogram.png", "transition.mp4", "audio0.wav"} <= media, media
     pruned_or_complete = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
-    assert all("media" in t.user_attrs for t in pruned_or_complete)
+    assert all(get_all_artifact_meta(t, storage=storage) for t in pruned_or_complete)
     port = free_port()
     command = [sys.executable, "-m", "sounding_anagrams.cli", "dashboard", "--runs", str(runs)]
     command += ["--port", str(port)]
@@ -194,3 +196,8 @@ def test_make_dashboard_shows_a_trials_pictures_clip_and_sound(finished_search, 
         page.get_by_text(objective).first.wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "optuna-dashboard-history.png"), full_page=True)
         assert "Objective 0" not in page.locator("body").inner_text()
+        # The trial page stays in the window: no one-line attribute widens it past the viewport.
+        page.goto(url)
+        page.get_by_text("Artifacts", exact=True).first.wait_for(timeout=120_000)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 1500, f"the trial page is {width} px wide in a 1500 px window"

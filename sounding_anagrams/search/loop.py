@@ -83,7 +83,9 @@ class SearchRunner:
         self.stop_asking = threading.Event()
         self.abandoned = threading.Event()  # the background stages drop their work
         self.ledger = TrialLedger()
-        self.teller = Teller(opened.optuna_study, opened.tracker, self.ledger, opened.trial_id)
+        self.teller = Teller(
+            opened.optuna_study, opened.tracker, self.ledger, opened.trial_id, opened.storage
+        )
         self.heartbeats = Heartbeats(opened.storage, self.ledger)
         self.dead_workers = DeadWorkers(
             opened.optuna_study, opened.storage, opened.url, opened.tracker, opened.trial_id

@@ -10,7 +10,6 @@ by machines needs a store they all reach: a shared folder, or ``s3://bucket`` (t
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
@@ -25,8 +24,6 @@ logger = logging.getLogger(__name__)
 ARTIFACTS_FOLDER = "optuna-artifacts"
 # The study attribute naming its artifact store, read by `dashboard` and `prefer`.
 STORE_ATTR = "artifact_store"
-# The trial attribute mapping each medium's name (view0, spectrogram, audio0, clip) to its artifact id.
-MEDIA_ATTR = "media"
 MIMETYPES = {".png": "image/png", ".wav": "audio/wav", ".mp4": "video/mp4"}
 
 
@@ -81,12 +78,10 @@ def media_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def upload_media(
-    store: ArtifactStore, trial: optuna.Trial, folder: Path, *, label: str = ""
-) -> dict[str, str]:
-    """Upload the media of ``folder`` as artifacts of the running ``trial``; returns name -> artifact id,
-    also kept as the trial's ``media`` attribute. The dashboard is a view of the files: an upload that fails
-    is logged, and the trial is judged either way."""
+def upload_media(store: ArtifactStore, trial: optuna.Trial, folder: Path) -> dict[str, str]:
+    """Upload the media of ``folder`` as artifacts of the running ``trial``; returns name -> artifact id
+    (Optuna keeps the ids and file names: ``optuna.artifacts.get_all_artifact_meta``). The dashboard is a
+    view of the files: an upload that fails is logged, and the trial is judged either way."""
     from optuna.artifacts import upload_artifact
 
     uploaded: dict[str, str] = {}
@@ -98,7 +93,6 @@ def upload_media(
                 study_or_trial=trial,
                 mimetype=MIMETYPES[path.suffix],
             )
-        trial.set_user_attr(MEDIA_ATTR, {**uploaded, **({"of": label} if label else {})})
     except Exception as error:
         logger.warning(
             "trial %d: its media were not uploaded to the dashboard's store: %s",
@@ -106,8 +100,3 @@ def upload_media(
             one_line(error),
         )
     return uploaded
-
-
-def media_of(attrs: Mapping[str, object]) -> dict[str, str]:
-    media = attrs.get(MEDIA_ATTR)
-    return {k: v for k, v in media.items() if k != "of"} if isinstance(media, dict) else {}

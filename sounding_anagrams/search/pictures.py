@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from sounding_anagrams.errors import SoundingAnagramsError
 from sounding_anagrams.numbers import readable as readable_number
 from sounding_anagrams.search.report import SHOWN_SCORES, ranked_trials, render_files
+from sounding_anagrams.search.stores import trial_record
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics
 
@@ -207,7 +208,7 @@ def contact_sheet(
         label = f"#{r.rank}  trial {r.trial.number}: {values}" + (
             "" if seed is None else f"  (its best seed, {seed})"
         )
-        scores = r.trial.user_attrs.get("scores", {})
+        scores = trial_record(r.trial, "scores") or {}
         details = [f"{name} {readable_number(scores[name])}" for name in SHOWN_SCORES if name in scores]
         details += [f"{name} {readable_number(value)}" for name, value in sorted(r.trial.params.items())]
         rows.append((label, details, images))

@@ -26,7 +26,7 @@ from sounding_anagrams.errors import (
 )
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.numbers import readable, signed
-from sounding_anagrams.search.stores import check_sqlite_file, open_storage
+from sounding_anagrams.search.stores import check_sqlite_file, open_storage, trial_record
 from sounding_anagrams.search.study import balance_weights
 from sounding_anagrams.search.tracking import is_server, run_link
 
@@ -39,13 +39,26 @@ def tracking_uri_of(study: optuna.Study, given: str | None = None) -> str | None
     return given or os.environ.get("MLFLOW_TRACKING_URI") or study.user_attrs.get("tracking_uri")
 
 
+def seed_folders(trial: FrozenTrial) -> list[str]:
+    """A trial's render folders, one per seed rendered: ``<trial_folder>/seed-<k>`` (older studies listed
+    them as ``render_folders``); none for a trial without a folder."""
+    attrs = trial.user_attrs
+    if "render_folders" in attrs:
+        return list(attrs["render_folders"])
+    if "trial_folder" not in attrs:
+        return []
+    rendered = len(trial_record(trial, "seed_values") or attrs.get("seeds", []))
+    return [str(Path(attrs["trial_folder"]) / f"seed-{k}") for k in range(rendered)]
+
+
 def trial_location(
     study: optuna.Study, trial: FrozenTrial, seed_index: int | None = None, *, tracking_uri: str | None = None
 ) -> str:
     """Where a person finds a trial's (or one seed's) files from this machine: its folder when it is here,
     else its run's page on the MLflow server, else its artifact URI."""
     attrs = trial.user_attrs
-    folders = attrs.get("render_folders") or []
+    folders = seed_folders(trial)
+    local: str | None
     if seed_index is not None and seed_index < len(folders):
         local = folders[seed_index]
     else:
@@ -67,7 +80,7 @@ def render_files(
     """A render folder of a trial on this machine: its own folder if it is here, else downloaded once from
     the trial's MLflow run (``<cache>/<run id>/seed-<k>``), so any machine can export and re-render it."""
     attrs = trial.user_attrs
-    folders = attrs.get("render_folders") or [attrs.get("render_folder", "")]
+    folders = seed_folders(trial) or [attrs.get("render_folder", "")]
     local = Path(str(folders[seed_index])) if seed_index < len(folders) else Path("")
     if (local / "config.yaml").is_file():
         return local
@@ -188,8 +201,8 @@ def single_renders(study: optuna.Study) -> list[SingleRender]:
     renders = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         seeds = trial.user_attrs.get("seeds") or [trial.params.get("seed", -1)]
-        per_seed = trial.user_attrs.get("seed_values") or [trial.values]
-        folders = trial.user_attrs.get("render_folders") or [trial.user_attrs.get("render_folder", "-")]
+        per_seed = trial_record(trial, "seed_values") or [trial.values]
+        folders = seed_folders(trial) or [trial.user_attrs.get("render_folder", "-")]
         for k, (seed, values) in enumerate(zip(seeds, per_seed, strict=False)):
             renders.append(SingleRender(trial, k, int(seed), list(values), str(folders[k])))
     signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
@@ -199,7 +212,7 @@ def single_renders(study: optuna.Study) -> list[SingleRender]:
 
 def seed_spread(trial: FrozenTrial) -> list[dict[str, float]]:
     """Per objective, the spread of a trial's per-seed values: min, max and the 95% t-interval half-width."""
-    per_seed = trial.user_attrs.get("seed_values") or [trial.values]
+    per_seed = trial_record(trial, "seed_values") or [trial.values]
     spread = []
     for j in range(len(trial.values)):
         values = [v[j] for v in per_seed]
@@ -216,9 +229,11 @@ def paired_difference(trial: FrozenTrial, leader: FrozenTrial, objective: int = 
     """``trial`` minus ``leader`` on objective ``objective``, over the seeds both rendered (matched by seed
     value): the mean difference, its 95% t-interval half-width and the number of shared seeds (0: none
     shared, as with ``seeds: independent``; then the mean is NaN). Paired seeds: docs/METHOD.md §5."""
-    mine = dict(zip(trial.user_attrs.get("seeds", []), trial.user_attrs.get("seed_values", []), strict=False))
+    mine = dict(
+        zip(trial.user_attrs.get("seeds", []), trial_record(trial, "seed_values") or [], strict=False)
+    )
     theirs = dict(
-        zip(leader.user_attrs.get("seeds", []), leader.user_attrs.get("seed_values", []), strict=False)
+        zip(leader.user_attrs.get("seeds", []), trial_record(leader, "seed_values") or [], strict=False)
     )
     differences = [mine[seed][objective] - theirs[seed][objective] for seed in mine if seed in theirs]
     shared = summarize(differences)
@@ -325,6 +340,8 @@ class Leaderboard:
             lines.append(
                 "knobs: " + ", ".join(f"{short} = {name}" for name, short in short_names(self.knobs).items())
             )
+        if RACED in self.knob_sets:
+            lines.append("seeds: the seeds judged; raced: stopped there, significantly worse than the leader")
         lines.append(
             "±: the 95% interval's half-width over seeds; `leaderboard --wide`: every column and the files; "
             "--format csv or json: full precision"
@@ -466,10 +483,10 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
     }
     params = sorted({name for r in ranked for name in r.trial.params})
     scores = [
-        name for name in SHOWN_SCORES if any(name in r.trial.user_attrs.get("scores", {}) for r in ranked)
+        name for name in SHOWN_SCORES if any(name in (trial_record(r.trial, "scores") or {}) for r in ranked)
     ]
     scores += sorted(
-        {n for r in ranked for n in r.trial.user_attrs.get("scores", {})} - set(scores) - set(objectives)
+        {n for r in ranked for n in (trial_record(r.trial, "scores") or {})} - set(scores) - set(objectives)
     )
     rows = []
     for r in ranked:
@@ -491,7 +508,7 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
                 row[f"{name} {HELD_OUT}"] = held_out["mean"][j] if held_out else None
                 row[f"{name} {HELD_OUT} {CI95}"] = held_out["ci95"][j] if held_out else None
             row[f"{HELD_OUT} seeds"] = len(held_out["seeds"]) if held_out else 0
-        row.update({name: r.trial.user_attrs.get("scores", {}).get(name) for name in scores})
+        row.update({name: (trial_record(r.trial, "scores") or {}).get(name) for name in scores})
         row.update({name: r.trial.params.get(name) for name in params})
         # Beside a balance, the weights it set (what a config file says).
         for balance, weights in (
@@ -502,7 +519,7 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
                 row[weights] = json.dumps(balance_weights(r.trial.params[balance]))
         if any_raced:
             row[RACED] = bool(r.trial.user_attrs.get("raced"))
-            row[SEEDS_RENDERED] = len(r.trial.user_attrs.get("seed_values", []))
+            row[SEEDS_RENDERED] = len(trial_record(r.trial, "seed_values") or [])
         row["origin"] = trial_origin(r.trial)
         row["where"] = trial_location(study, r.trial, tracking_uri=tracking_uri)
         rows.append(row)
@@ -604,7 +621,7 @@ def export_best(
         best = attrs.get("best_seed", 0)
         per_seed = "; ".join(
             f"seed {seed}: " + ", ".join(readable(v) for v in values_k)
-            for seed, values_k in zip(seeds, attrs.get("seed_values", []), strict=False)
+            for seed, values_k in zip(seeds, trial_record(r.trial, "seed_values") or [], strict=False)
         )
         header = (
             f"# study {study.study_name}, trial {r.trial.number}: "

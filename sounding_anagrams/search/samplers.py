@@ -12,6 +12,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.search.stores import trial_record
 
 
 class Knob(Protocol):
@@ -186,7 +187,7 @@ def seed_noise(study: optuna.Study) -> float | None:
         float(np.std(values, ddof=1) / math.sqrt(len(values)))
         for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not trial.user_attrs.get("raced")
-        and len(values := [v[0] for v in trial.user_attrs.get("seed_values", [])]) > 1
+        and len(values := [v[0] for v in trial_record(trial, "seed_values") or []]) > 1
     ]
     return float(np.median(errors)) if errors else None
 

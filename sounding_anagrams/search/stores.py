@@ -186,3 +186,15 @@ def open_storage(
         raise ConfigError(
             "--storage", shown_url(url), f"cannot open this Optuna storage: {database_reason(error)}"
         ) from None
+
+
+# A trial's long records, kept as Optuna system attributes, which no client lists: optuna-dashboard's trial
+# page showed each user attribute on one line, and these made it 3,726 px wide. Short facts (seeds, best seed,
+# folders, MLflow run) stay user attributes, where a person reads them.
+TRIAL_RECORDS = ("scores", "seed_values", "seed_scores")
+
+
+def trial_record(trial: optuna.trial.FrozenTrial, key: str) -> Any:
+    """A trial's record ``key`` (one of :data:`TRIAL_RECORDS`): its system attribute, else the user attribute
+    a study recorded before kept it in; ``None`` when neither."""
+    return trial.system_attrs.get(key, trial.user_attrs.get(key))

@@ -115,6 +115,7 @@ class Teller:
         tracker: Tracker,
         ledger: TrialLedger,
         trial_id: Callable[[int], int],
+        storage: optuna.storages.BaseStorage,
         *,
         on_told: Callable[[TrialOutcome], object] = lambda outcome: None,
     ) -> None:
@@ -122,6 +123,7 @@ class Teller:
         self.tracker = tracker
         self.ledger = ledger
         self.trial_id = trial_id  # a trial number's id in the storage
+        self.storage = storage  # the trials' long records go in as system attributes (stores.TRIAL_RECORDS)
         self.on_told = on_told
         self.outcomes: list[TrialOutcome] = []  # of the trials told by this worker, in order
         self._outcomes_lock = threading.Lock()
@@ -141,6 +143,9 @@ class Teller:
             try:
                 for key, value in outcome.user_attrs().items():
                     trial.set_user_attr(key, value)
+                trial_id = self.trial_id(trial.number)
+                for key, value in outcome.records().items():
+                    self.storage.set_trial_system_attr(trial_id, key, value)
                 if outcome.state == TrialState.COMPLETE:
                     self.study.tell(trial, outcome.values)
                 else:

@@ -19,6 +19,7 @@ from optuna.trial import Trial, TrialState
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.render import Decoded, RenderResult
 from sounding_anagrams.sampler.pipeline import SamplerOutput
+from sounding_anagrams.search.stores import trial_record
 
 logger = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -58,23 +59,27 @@ class TrialOutcome:
             attrs["mlflow_run_id"] = self.run_id
             attrs["artifact_uri"] = self.artifact_uri
         if self.folder is not None:
-            attrs["trial_folder"] = str(self.folder.resolve())
-            attrs["render_folders"] = [
-                str((self.folder / f"seed-{k}").resolve()) for k in range(len(self.seeds))
-            ]
-        if self.scores:
-            attrs["scores"] = self.scores
-        if self.seed_values:
-            attrs["seed_values"] = self.seed_values
-            attrs["seed_scores"] = self.seed_scores
+            attrs["trial_folder"] = str(self.folder.resolve())  # its seeds' folders: seed-0, seed-1, ...
         if self.raced:
             attrs["raced"] = True
         if self.best_seed is not None:
             attrs["best_seed"] = self.best_seed
-            attrs["render_folder"] = attrs["render_folders"][self.best_seed]
+            if self.folder is not None:
+                attrs["render_folder"] = str((self.folder / f"seed-{self.best_seed}").resolve())
         if self.reason:
             attrs["fail_reason"] = self.reason
         return attrs
+
+    def records(self) -> dict[str, Any]:
+        """The trial's long records (:data:`~sounding_anagrams.search.stores.TRIAL_RECORDS`): its mean scores,
+        and every seed's values and scores, kept where no client lists them."""
+        records: dict[str, Any] = {}
+        if self.scores:
+            records["scores"] = self.scores
+        if self.seed_values:
+            records["seed_values"] = self.seed_values
+            records["seed_scores"] = self.seed_scores
+        return records
 
 
 @dataclass
@@ -210,12 +215,12 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
         trial.number,
         trial.state,
         list(trial.values or []),
-        dict(attrs.get("scores", {})),
+        dict(trial_record(trial, "scores") or {}),
         reason=attrs.get("fail_reason"),
         folder=Path(folder) if folder else None,
         seeds=list(attrs.get("seeds", [])),
-        seed_values=list(attrs.get("seed_values", [])),
-        seed_scores=list(attrs.get("seed_scores", [])),
+        seed_values=list(trial_record(trial, "seed_values") or []),
+        seed_scores=list(trial_record(trial, "seed_scores") or []),
         best_seed=attrs.get("best_seed"),
         raced=bool(attrs.get("raced", False)),
         run_id=attrs.get("mlflow_run_id"),
