@@ -22,7 +22,7 @@ HOST ?= 127.0.0.1
 MLFLOW_DB ?= postgresql+psycopg://postgres@127.0.0.1:5432/mlflow
 ARTIFACTS ?= $(RUNS)/server-artifacts
 
-.PHONY: install install-dev install-prefer browser test render search server ui dashboard prefer confirm leaderboard \
+.PHONY: install install-dev install-prefer browser test render search server ui dashboard prefer confirm leaderboard gallery \
 	export bench bench-gpu lint schema clean
 
 # What each job needs, no more: `install` the package (search, render, ui, dashboard, export, bench);
@@ -80,6 +80,11 @@ confirm: install
 
 leaderboard: install
 	$(BIN)/sounding-anagrams leaderboard studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
+
+# The study's gallery, its top knob sets side by side (pictures, sounds, clips), written from the stored study
+# without rendering (a search rewrites it after each batch): `make gallery VIEW=rotate [MODELS=tiny]`.
+gallery: install
+	$(BIN)/sounding-anagrams gallery studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)
 
 export: install
 	$(BIN)/sounding-anagrams export studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES) \

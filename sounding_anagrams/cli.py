@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 from sounding_anagrams.commands.common import finite_float
 from sounding_anagrams.commands.evaluate import run_evaluate
 from sounding_anagrams.commands.render import RENDER_FLAGS, run_render
-from sounding_anagrams.commands.search import run_confirm, run_export, run_leaderboard, run_search
+from sounding_anagrams.commands.search import (
+    run_confirm,
+    run_export,
+    run_gallery,
+    run_leaderboard,
+    run_search,
+)
 from sounding_anagrams.errors import (
     DiskFullError,
     SoundingAnagramsError,
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(commands)
     add_confirm_parser(commands)
     add_leaderboard_parser(commands)
+    add_gallery_parser(commands)
     add_export_parser(commands)
     add_ui_parser(commands)
     add_dashboard_parser(commands)
@@ -201,6 +208,18 @@ def add_leaderboard_parser(commands: Commands) -> None:
     )
 
 
+def add_gallery_parser(commands: Commands) -> None:
+    text = "write a study's gallery: its top knob sets side by side, to look at and listen to"
+    gallery = commands.add_parser(
+        "gallery",
+        help=text,
+        description=text + ". One HTML page, gallery.html in the study's render folder, written from the "
+        "stored study without rendering (a search rewrites it after each batch); prints its path.",
+    )
+    _stored_study_arguments(gallery)
+    gallery.add_argument("--top", type=int, default=8, help="knob sets shown (default 8)")
+
+
 def add_export_parser(commands: Commands) -> None:
     text = "write the best config (the Pareto set for several objectives)"
     export = commands.add_parser("export", help=text, description=text)
@@ -297,7 +316,7 @@ def add_server_parser(commands: Commands) -> None:
 
 
 def _stored_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """A study a search stored (``leaderboard``, ``export``)."""
+    """A study a search stored (``leaderboard``, ``gallery``, ``export``)."""
     parser.add_argument("study", help="a study name, or its study file (studies/rotate.yaml)")
     parser.add_argument("--models", help="'tiny' for the study a tiny search made (named <study>-tiny)")
     _add_runs_arguments(parser)
@@ -382,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_confirm(args)
         if args.command == "leaderboard":
             return run_leaderboard(args)
+        if args.command == "gallery":
+            return run_gallery(args)
         if args.command == "export":
             return run_export(args)
         raise AssertionError(f"unhandled command {args.command}")

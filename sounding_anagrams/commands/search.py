@@ -1,5 +1,5 @@
-"""``search`` (one process; ``--workers`` is :mod:`sounding_anagrams.search.fleet`), ``leaderboard`` and
-``export``: a study's search, and what it found."""
+"""``search`` (one process; ``--workers`` is :mod:`sounding_anagrams.search.fleet`), ``leaderboard``,
+``gallery`` and ``export``: a study's search, and what it found."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def run_search(args: argparse.Namespace) -> int:
 
     from sounding_anagrams.evaluation.evaluate import Scorers
     from sounding_anagrams.sampler.models import load_models_for
+    from sounding_anagrams.search.gallery import GALLERY_FILE
     from sounding_anagrams.search.loop import SearchRunner
     from sounding_anagrams.search.opening import SearchSettings, check_stores
     from sounding_anagrams.search.report import leaderboard_text
@@ -70,6 +71,9 @@ def run_search(args: argparse.Namespace) -> int:
         f"\nexport the best: sounding-anagrams export {args.study}{' --models tiny' if tiny else ''}"
         f" --runs {args.runs}"
     )
+    gallery = runner.render_root / GALLERY_FILE
+    if gallery.is_file():
+        print(f"gallery, the top knob sets side by side: {gallery}")
     return 0
 
 
@@ -183,6 +187,26 @@ def terminal_width() -> int:
     from sounding_anagrams.search.report import TERMINAL_WIDTH
 
     return shutil.get_terminal_size((TERMINAL_WIDTH, 24)).columns
+
+
+def run_gallery(args: argparse.Namespace) -> int:
+    """``gallery``: the stored study's gallery written (or refreshed) from its trials' files, no rendering;
+    prints its path."""
+    if args.top < 1:
+        raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
+    study = _open_study(args)
+    from sounding_anagrams.search.gallery import study_render_root, write_gallery
+
+    root = study_render_root(study, args.runs)
+    if root is None:
+        raise ConfigError(
+            "--runs",
+            str(args.runs),
+            f"holds no render folder of study {study.study_name} (were its trials rendered on another "
+            "machine? give the --runs they wrote to)",
+        )
+    print(f"gallery of study {study.study_name}: {write_gallery(study, root, top=args.top)}")
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:

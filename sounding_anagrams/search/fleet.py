@@ -131,7 +131,19 @@ def run_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
         f"all {args.workers} workers finished: sounding-anagrams leaderboard {args.study}{tiny} "
         f"--runs {args.runs}{storage}"
     )
+    print_gallery(args.runs, name, args.storage)
     return 0
+
+
+def print_gallery(runs: Path, name: str, storage: str | None, page: str | None = None) -> None:
+    """Say where the study's gallery is, when it has been written here (and its ``page`` in MLflow's UI)."""
+    from sounding_anagrams.search.gallery import find_gallery
+
+    gallery = find_gallery(runs, name, storage)
+    if gallery is not None:
+        print(f"gallery, the top knob sets side by side: {gallery}", flush=True)
+    if page is not None:
+        print(f"  in MLflow's UI: {page}", flush=True)
 
 
 def watch_workers(
@@ -239,11 +251,16 @@ def run_ui(args: argparse.Namespace) -> int:
         if not last:
             raise ConfigError("--runs", str(args.runs), "holds no search yet: run one first")
         name = next(n for n, i in studies.items() if i == last[0].info.experiment_id)
+    from sounding_anagrams.search.gallery import gallery_page
+
     if is_server(uri):
         print(f"study {name}: {leaderboard_url(uri, studies[name])}")
+        print_gallery(args.runs, name, args.storage, gallery_page(client, uri, studies[name]))
         return 0
-    page = leaderboard_url(f"http://{args.host}:{args.port}", studies[name])
+    ui = f"http://{args.host}:{args.port}"
+    page = leaderboard_url(ui, studies[name])
     print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)
+    print_gallery(args.runs, name, args.storage, gallery_page(client, ui, studies[name]))
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(
         sys.executable,

@@ -37,6 +37,7 @@ from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.search.asking import Asker, counted_trials
 from sounding_anagrams.search.confirmation import Confirmation, confirm_top
+from sounding_anagrams.search.gallery import publish_gallery
 from sounding_anagrams.search.judging import Judge, SharedScorers
 from sounding_anagrams.search.lifecycle import DeadWorkers, Heartbeats
 from sounding_anagrams.search.opening import OpenedSearch, SearchSettings, open_search
@@ -426,6 +427,7 @@ class SearchRunner:
                     self.tracker.log_leaderboard(board.knob_sets)
             except Exception as error:  # the table is a copy of what `leaderboard` prints
                 logger.warning("could not log the leaderboard table: %s", one_line(error))
+            publish_gallery(self.opened)  # after the confirmation stage: its held-out means too
         self.tracker.end_parent(reason.status)
 
     def said(self, error: BaseException) -> BaseException:

@@ -1,7 +1,8 @@
 """Stage 4, the publisher: each told trial's MLflow run filled (knobs, scores, previews, card and files).
 
 Runs on the ``search-publish`` thread at low priority (it only encodes and logs). Contract:
-- takes a judged and told :class:`Batch`; logs each trial into the run the tell opened, and ends it;
+- takes a judged and told :class:`Batch`; logs each trial into the run the tell opened, and ends it; then
+  rewrites the study gallery (:mod:`sounding_anagrams.search.gallery`), which never raises;
 - on error: logged, and the trial keeps its judged value (its pictures and sounds exist); a run that a stop
   left unfinished is ended KILLED by the stop path and completed at the next start from the files
   (:meth:`sounding_anagrams.search.lifecycle.DeadWorkers.reconcile_told_trials`).
@@ -15,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sounding_anagrams.errors import one_line
+from sounding_anagrams.search.gallery import publish_gallery
 from sounding_anagrams.search.opening import OpenedSearch
 from sounding_anagrams.search.tracking import objective_metrics
 from sounding_anagrams.search.trials import Batch, TrialOutcome
@@ -31,6 +33,7 @@ class Publisher:
 
     def publish(self, batch: Batch) -> None:
         by_number = {plan.trial.number: plan for plan in batch.plans}
+        told = [trial for trial in batch.trials if trial.number in batch.outcomes]
         for trial in batch.trials:
             if self.abandoned.is_set():
                 return
@@ -44,6 +47,8 @@ class Publisher:
                 previews=batch.previews.get(trial.number, []),
             )
         batch.results = []  # the decoded pictures and sounds: memory stays flat
+        if told and not self.abandoned.is_set():
+            publish_gallery(self.opened)  # the page's rows link the runs just logged
 
     def log_trial(
         self,

@@ -434,27 +434,43 @@ def metric_name(expression: str) -> str:
     return " ".join(re.sub(r"[^\w\-. :/]+", " ", expression).split())
 
 
-# In MLflow's artifact viewer a card is shown from a blob: URL, where its relative links lead nowhere: this
-# script points them at the server's own artifact endpoint (``get-artifact``) for the card's run. Opened from
-# the render folder, the links are plain relative paths and the script does nothing.
-_CARD_SCRIPT = """<script>
+# In MLflow's artifact viewer an HTML artifact is shown from a blob: URL, where its relative links lead
+# nowhere: this script points each media element at the server's own artifact endpoint (``get-artifact``).
+# Its ``data-artifact`` (a path inside a run) becomes its ``src`` and its ``data-poster`` its ``poster``, in
+# the run that its own or its nearest ancestor's ``data-run`` names, else the page's one run (RUN_ID). Opened
+# from disk, the links are plain relative paths and the script does nothing. One script for the trial card
+# (one run) and the study gallery (a run per row).
+ARTIFACT_SCRIPT = """<script>
 (function () {
   if (location.protocol !== "blob:" && location.protocol !== "about:") return;
   var page = (document.referrer || location.href.replace(/^blob:/, "")).split("#")[0];
   var base = new URL(".", page);
+  function served(path, run) {
+    var query = "get-artifact?path=" + encodeURIComponent(path) + "&run_uuid=" + encodeURIComponent(run);
+    return new URL(query, base).href;
+  }
   document.querySelectorAll("[data-artifact]").forEach(function (el) {
-    var path = el.getAttribute("data-artifact");
-    el.src = new URL("get-artifact?path=" + encodeURIComponent(path) + "&run_uuid=" + RUN_ID, base).href;
+    var holder = el.closest("[data-run]");
+    var run = holder ? holder.getAttribute("data-run") : RUN_ID;
+    el.src = served(el.getAttribute("data-artifact"), run);
+    if (el.hasAttribute("data-poster")) el.poster = served(el.getAttribute("data-poster"), run);
   });
 })();
 </script>"""
 
 
-def _media(tag: str, path: str, extra: str = "") -> str:
-    """An element showing a file of the trial folder by its relative path (see ``_CARD_SCRIPT``)."""
+def artifact_script(run_id: str = "") -> str:
+    """:data:`ARTIFACT_SCRIPT` for a page whose elements without a ``data-run`` belong to run ``run_id``."""
+    return ARTIFACT_SCRIPT.replace("RUN_ID", json.dumps(run_id))
+
+
+def media_element(tag: str, path: str, extra: str = "", *, artifact: str | None = None) -> str:
+    """An element showing a file by its relative path ``path`` (opened from disk); inside MLflow's viewer the
+    file ``artifact`` (default ``path``) of its run (see ``ARTIFACT_SCRIPT``)."""
     quoted = html.escape(path, quote=True)
+    stored = html.escape(artifact if artifact is not None else path, quote=True)
     close = "" if tag == "img" else f"</{tag}>"
-    return f"<{tag} src='{quoted}' data-artifact='{quoted}'{extra}>{close}"
+    return f"<{tag} src='{quoted}' data-artifact='{stored}'{extra}>{close}"
 
 
 def trial_card_html(
@@ -511,19 +527,21 @@ def trial_card_html(
                 prompt = prompts[index] if index < len(prompts) else ""
                 parts.append(
                     f"<h3>view {index}: {esc(str(views[index]))}</h3><p class='k'>{esc(prompt)}</p>"
-                    + _media("img", f"seed-{k}/{path.name}")
+                    + media_element("img", f"seed-{k}/{path.name}")
                 )
         if k == order[0] and state == "COMPLETE":
-            clip = _media("video", f"seed-{k}/transition.mp4", " controls loop muted autoplay playsinline")
+            clip = media_element(
+                "video", f"seed-{k}/transition.mp4", " controls loop muted autoplay playsinline"
+            )
             parts.append(f"<h3>transition</h3>{clip}")
         if (render / "spectrogram.png").exists():
-            parts.append("<h3>spectrogram</h3>" + _media("img", f"seed-{k}/spectrogram.png"))
+            parts.append("<h3>spectrogram</h3>" + media_element("img", f"seed-{k}/spectrogram.png"))
         for index, prompt in enumerate(audio_prompts):
             path = render / f"audio{index}.wav"
             if path.exists():
                 parts.append(
                     f"<h3>sound {index}</h3><p class='k'>{esc(str(prompt))}</p>"
-                    + _media("audio", f"seed-{k}/{path.name}", " controls preload='none'")
+                    + media_element("audio", f"seed-{k}/{path.name}", " controls preload='none'")
                 )
     rows = "".join(
         f"<tr><td>{esc(k)}</td><td>{readable(v)}</td></tr>" for k, v in {**objectives, **scores}.items()
@@ -538,5 +556,5 @@ def trial_card_html(
         for k in ordered
     )
     parts.append(f"<h2>knob set</h2><table>{rows}</table>")
-    parts.append(_CARD_SCRIPT.replace("RUN_ID", json.dumps(run_id)) + "</body></html>")
+    parts.append(artifact_script(run_id) + "</body></html>")
     return "\n".join(parts)
