@@ -25,6 +25,7 @@ from sounding_anagrams.search import publishing
 from sounding_anagrams.search.gallery import GALLERY_FILE, gallery_page, write_gallery
 from sounding_anagrams.search.loop import SearchRunner
 from sounding_anagrams.search.report import ranked_trials
+from sounding_anagrams.search.stores import trial_record
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 from tests.processes import free_port, served
@@ -252,7 +253,7 @@ def test_gallery_opened_from_disk_shows_and_plays_every_knob_set_and_sorts(
     # Sorting by a score: best first, and a second click the other way; ties keep the leaderboard's order.
     complete = {t.number: t for t in searched.study.get_trials(states=(TrialState.COMPLETE,))}
     for score in ("clip/view1", "clip/view0"):
-        values = {n: complete[n].user_attrs["scores"][score] for n in ranked}
+        values = {n: trial_record(complete[n], "scores")[score] for n in ranked}
         page.get_by_role("button", name=score, exact=True).click()
         assert _shown_order(page) == sorted(ranked, key=lambda n: (-values[n], ranked.index(n)))
         page.get_by_role("button", name=f"{score} \u25bc", exact=True).click()
