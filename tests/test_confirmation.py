@@ -104,7 +104,7 @@ def test_leaderboard_and_export_name_the_confirmed_winner(confirmed_search, tmp_
     header = exported.read_text()
     assert "confirmed on 2 held-out seeds (no trial rendered them)" in header
     assert f"# held-out seeds: {held_out_seeds(0, 2)}" in header
-    assert f"{winner.mean[0]:.4f} ±{winner.ci95[0]:.4f}" in header
+    assert f"{readable(winner.mean[0])} ±{readable(winner.ci95[0])}" in header
     assert "the confirmed winner of 2 knob set(s) confirmed" in header
 
 
