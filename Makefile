@@ -108,7 +108,7 @@ FROM_SEARCH ?=
 prefer: install-prefer
 	$(BIN)/sounding-anagrams prefer studies/$(VIEW).yaml --runs $(RUNS) --port $(DASHBOARD_PORT) \
 		$(if $(MODELS),--models $(MODELS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(FROM_SEARCH),--from-search) \
-		$(if $(STORAGE),--storage $(STORAGE))
+		$(STORES)
 
 bench: install
 	$(BIN)/python benchmarks/bench_sampler.py

@@ -263,9 +263,11 @@ def add_prefer_parser(commands: Commands) -> None:
         "prefer",
         help="a person steers: compare candidates in optuna-dashboard, a preferential GP proposes the next",
         description="Run a preferential study over a study file's space: --candidates candidates at a time "
-        "are rendered and shown side by side in optuna-dashboard (each one's clip: the views turning while "
-        "its sound plays); the person clicks the worst, and optuna-dashboard's preferential GP sampler "
-        "proposes the next knob set from every choice so far. Needs the [prefer] extra (BoTorch).",
+        "are rendered and shown side by side in optuna-dashboard (each one's captioned clip: its views under "
+        "their prompts, the turn, its spectrogram while its sound plays, its knobs); the person clicks the "
+        "worst, and optuna-dashboard's preferential GP sampler proposes the next knob set from every choice "
+        "so far. Each candidate is logged to MLflow, in the prefer study's experiment. Ctrl-C or SIGTERM "
+        "fails the candidates not yet shown (exit 130). Needs the [prefer] extra (BoTorch).",
     )
     prefer.add_argument("study", type=Path, help="a study file, e.g. studies/rotate.yaml")
     prefer.add_argument(
@@ -281,6 +283,7 @@ def add_prefer_parser(commands: Commands) -> None:
         help="start from the top knob sets of the study's automatic search (same storage) instead of random",
     )
     dashboard_arguments(prefer)
+    _tracking_uri_argument(prefer)
     prefer.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the study's)")
     prefer.add_argument("--no-dashboard", action="store_true", help="do not serve the dashboard here")
     prefer.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -356,6 +359,10 @@ def _runs_and_storage(parser: argparse.ArgumentParser) -> None:
 
 def _add_runs_arguments(parser: argparse.ArgumentParser) -> None:
     _runs_and_storage(parser)
+    _tracking_uri_argument(parser)
+
+
+def _tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tracking-uri",
         default=None,

@@ -63,3 +63,19 @@ def test_the_preferential_study_keeps_its_optuna_study() -> None:
         n_generate=2, storage=optuna.storages.InMemoryStorage(), sampler=optuna.samplers.RandomSampler()
     )
     assert isinstance(preferential._study, optuna.Study), "PreferentialStudy._study is gone"
+
+
+def test_the_dashboard_keeps_its_reader_of_skipped_candidates() -> None:
+    """search/prefer.py reads the candidates a person skipped (``export --prefer`` says so) with
+    optuna-dashboard's private ``get_skipped_trial_ids``, from the study attributes its "skip" button
+    writes."""
+    from optuna_dashboard.preferential._system_attrs import get_skipped_trial_ids, report_skip
+
+    storage = optuna.storages.InMemoryStorage()
+    preferential = create_preferential_study(
+        n_generate=2, storage=storage, sampler=optuna.samplers.RandomSampler()
+    )
+    trial = preferential.ask()
+    study_id = storage.get_study_id_from_name(preferential.study_name)
+    report_skip(study_id, trial._trial_id, storage)
+    assert get_skipped_trial_ids(storage.get_study_system_attrs(study_id)) == [trial._trial_id]

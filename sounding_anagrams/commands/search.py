@@ -218,7 +218,9 @@ def run_export(args: argparse.Namespace) -> int:
     out = args.out or args.runs / "exports"
     storage = open_storage(args.storage or default_storage(args.runs), heartbeat=False)
     if is_preferential(storage, study.study_name):  # `prefer`'s study: the candidates the person preferred
-        written = export_preferred(study, out)
+        written, left_out = export_preferred(study, storage, out)
+        for line in left_out:  # every candidate not exported, and why
+            print(line, file=sys.stderr)
     else:
         written = export_best(study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri)
     for path in written:
