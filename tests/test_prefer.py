@@ -60,6 +60,8 @@ STUDY_NAME = "rotate-tiny-prefer"
 def prefer_trials(storage: str) -> list[optuna.trial.FrozenTrial]:
     """The prefer study's trials now ([] before `prefer` made it). Opened as `prefer` opens it (under the
     storage's lock): never racing its schema creation."""
+    if not Path(storage.removeprefix("sqlite:///")).exists():  # `prefer` has not made its --runs yet
+        return []
     try:
         study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(storage, heartbeat=False))
     except KeyError:  # the study is not created yet
