@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,15 @@ def tiny_models(_tiny_cache: Path):
     from sounding_anagrams.sampler.models import load_models
 
     return load_models("tiny", "tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts: any still running when it ends (a failed assertion) are killed, before the
+    stores they use are dropped."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -459,11 +459,14 @@ def signal_while_asked(
 
 
 @pytest.mark.slow
-def test_sigterm_while_candidates_render_fails_them_and_leaves_nothing_running(tmp_path: Path, capsys):
+def test_sigterm_while_candidates_render_fails_them_and_leaves_nothing_running(
+    tmp_path: Path, capsys, spawned: list[subprocess.Popen]
+):
     runs = tmp_path / "runs"
     storage = f"sqlite:///{runs / 'optuna.db'}"
     log = tmp_path / "prefer.err"
     process = start_prefer(runs, log)
+    spawned.append(process)  # killed if the test fails before it ends
     in_flight = signal_while_asked(process, storage, signal.SIGTERM)
     assert process.wait(timeout=300) == 130  # the exit code of an interrupted command
     err = log.read_text()
@@ -489,12 +492,13 @@ def test_sigterm_while_candidates_render_fails_them_and_leaves_nothing_running(t
 
 @pytest.mark.slow
 def test_ctrl_c_while_the_person_chooses_keeps_the_shown_candidates_logged_and_exportable(
-    tmp_path: Path, capsys
+    tmp_path: Path, capsys, spawned: list[subprocess.Popen]
 ):
     runs = tmp_path / "runs"
     storage = f"sqlite:///{runs / 'optuna.db'}"
     log = tmp_path / "prefer.err"
     process = start_prefer(runs, log)
+    spawned.append(process)  # killed if the test fails before it ends
     shown_candidates(storage, 2)  # both shown: it waits for a choice in a dashboard elsewhere
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=300) == 130

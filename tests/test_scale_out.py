@@ -87,18 +87,6 @@ def shared_stores(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield storage, uri
 
 
-@pytest.fixture
-def spawned() -> Iterator[list[subprocess.Popen]]:
-    """Processes a test starts: any still running when it ends (a failed assertion) are killed, before the
-    stores they use are dropped."""
-    processes: list[subprocess.Popen] = []
-    yield processes
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive_a_kill(
     shared_stores: tuple[str, str], spawned: list[subprocess.Popen], tmp_path: Path, capsys
