@@ -128,3 +128,19 @@ def test_the_schema_takes_every_device_the_config_takes():
         assert schema_errors(CONFIG_SCHEMA, {"device": name}) == ["device"], name
         with pytest.raises(ConfigError, match="unknown device"):
             RenderConfig(device=name)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["rotate", " rotate ", "a.b_c-1", "7", "x" * 100, "../escaped", "a/b", " ", "", "-a", ".a", "x" * 101],
+)
+def test_the_schema_and_the_tool_agree_on_study_names(name):
+    """One source of rules: the schema accepts a study name exactly when the tool does."""
+    data = mutate("name", name)
+    try:
+        parse_study(data, source="s.yaml")
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert (schema_errors(STUDY_SCHEMA, data) == []) == accepted, (name, accepted)
+    assert accepted == (name.strip() in ("rotate", "a.b_c-1", "7", "x" * 100))

@@ -212,7 +212,10 @@ class StudyFile(StrictModel):
     SECTIONS = ("render",)
 
     name: Annotated[str, Rule(NAME_RULE)] = Field(
-        description="Names the Optuna study, the MLflow experiment and the folders under --runs."
+        description="Names the Optuna study, the MLflow experiment and the folders under --runs: letters, "
+        "digits, '.', '_' and '-', starting with a letter or digit.",
+        # What _folder_safe accepts (surrounding blanks are stripped): an editor flags what the tool refuses.
+        json_schema_extra={"pattern": rf"^\s*{STUDY_NAME.pattern}\s*$"},
     )
     render: RenderConfig = Field(
         default_factory=RenderConfig,
