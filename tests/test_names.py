@@ -3,6 +3,7 @@ digits, files others can read."""
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from sounding_anagrams.errors import ConfigError
 from sounding_anagrams.files import write_text_atomic
 from sounding_anagrams.numbers import readable, signed
 from sounding_anagrams.search.opening import DEFINITION_ATTR, SearchSettings, open_search
-from sounding_anagrams.search.report import short_names
+from sounding_anagrams.search.report import leaderboard, short_names
 from sounding_anagrams.search.study import balance_weights, parse_study
 from sounding_anagrams.search.tracking import metric_name, objective_metrics
 from tests.designed_judges import JUDGED_STUDY
@@ -82,3 +83,19 @@ def test_written_files_are_readable_by_all_under_the_usual_umask(tmp_path: Path)
     write_text_atomic(target, "<p>hello</p>")
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
     assert target.read_text() == "<p>hello</p>" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("states", [[], [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED]])
+def test_a_study_without_a_knob_set_gives_valid_csv_and_json_and_a_sentence(states):
+    study = optuna.create_study(study_name="empty", directions=["maximize", "maximize"])
+    study.set_user_attr("objectives", ["clip/alignment", "clap/alignment"])
+    for state in states:
+        trial = study.ask({"audio_weight": optuna.distributions.FloatDistribution(0.2, 0.8)})
+        study.tell(trial, state=state)
+    board = leaderboard(study)
+    header = board.render("csv").splitlines()
+    assert header[0].startswith("rank,pareto,trial,clip/alignment,clip/alignment min over seeds")
+    assert ("audio_weight" in header[0]) == bool(states) and header[1:] == []
+    data = json.loads(board.render("json"))
+    assert data["knob_sets"] == [] and data["best_renders"] == []
+    assert board.render().endswith("no completed trial yet")

@@ -541,9 +541,23 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
         aggregate=study.user_attrs.get("aggregate", "mean"),
         objectives=list(objectives),
         knobs=params,
-        knob_sets=pd.DataFrame(rows),
+        # No knob set yet (no trial, or only failed or pruned ones): the columns still, so CSV has its header.
+        knob_sets=pd.DataFrame(rows) if rows else pd.DataFrame(columns=empty_columns(study, objectives)),
         renders=pd.DataFrame(renders, columns=["rank", "trial", "seed index", "seed", *objectives, "where"]),
     )
+
+
+def empty_columns(study: optuna.Study, objectives: list[str]) -> list[str]:
+    """The knob sets' columns of a study with none yet: rank, trial, each objective with its spread over
+    seeds, the searched knobs the study's trials name, origin and files."""
+    spread = [
+        f"{name}{suffix}"
+        for name in objectives
+        for suffix in ("", f" {MIN_OVER_SEEDS}", f" {MAX_OVER_SEEDS}", f" {CI95}")
+    ]
+    knobs = sorted({name for trial in study.get_trials(deepcopy=False) for name in trial.params})
+    pareto = ["pareto"] if len(study.directions) > 1 else []
+    return ["rank", *pareto, "trial", *spread, *knobs, "origin", "where"]
 
 
 def leaderboard_text(
