@@ -45,6 +45,12 @@ def _one_per_view(what: str) -> BeforeValidator:
 
 
 Texts = Annotated[tuple[str, ...], _one_per_view("strings")]
+# A prompt says something: an empty or blank one would condition a view on nothing, silently.
+Prompts = Annotated[
+    tuple[Annotated[str, Field(pattern=r"\S")], ...],
+    _one_per_view("strings"),
+    Rule("give one prompt per view, each saying something (not empty or blank)"),
+]
 Weights = Annotated[tuple[float, ...] | None, _one_per_view("numbers"), NULL_IS_DEFAULT]
 Scale = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 
@@ -56,7 +62,7 @@ class RenderConfig(StrictModel):
     other field differ per candidate.
     """
 
-    image_prompts: Texts = Field(
+    image_prompts: Prompts = Field(
         default=(
             "painting of a garden, lithograph style, grayscale",
             "painting of a helicopter, lithograph style, grayscale",
@@ -69,7 +75,7 @@ class RenderConfig(StrictModel):
             "The views, e.g. [identity, tile_rotate_cw]; a spec may carry parameters: jigsaw(seed=3)."
         ),
     )
-    audio_prompts: Texts = Field(
+    audio_prompts: Prompts = Field(
         default=("bird chirping",),
         description="One audio prompt, heard on the canvas itself, or one per view.",
     )

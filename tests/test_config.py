@@ -178,3 +178,12 @@ def test_any_cuda_device_is_a_device_whatever_this_machine_has():
         assert (
             config.device == name and RenderConfig.from_dict(yaml.safe_load(config.to_yaml())).device == name
         )
+
+
+@pytest.mark.parametrize("field", ["image_prompts", "audio_prompts"])
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_an_empty_or_blank_prompt_is_refused_naming_the_field(field, blank):
+    prompts = [blank, "a car"] if field == "image_prompts" else [blank]
+    with pytest.raises(ConfigError) as raised:
+        RenderConfig(**{field: prompts})
+    assert str(raised.value).startswith(f"{field}=") and "each saying something" in str(raised.value)
