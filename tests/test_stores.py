@@ -102,3 +102,19 @@ def test_trial_id_of_finds_a_trial_by_its_study_and_number(tmp_path: Path):
     assert second.get_trials()[0].user_attrs == {"seen": True}
     with pytest.raises(KeyError):
         trial_id_of(storage, "second", 1)
+
+
+@pytest.mark.parametrize("command", ["search", "leaderboard", "dashboard"])
+def test_a_storage_that_is_no_url_is_one_sentence_and_leaves_nothing(command, tmp_path: Path, capsys):
+    from sounding_anagrams.cli import main
+
+    runs = tmp_path / "runs"
+    study = [str(Path(__file__).resolve().parents[1] / "studies" / "rotate.yaml")]
+    argv = [command, *(study if command != "dashboard" else []), "--storage", "notaurl", "--runs", str(runs)]
+    assert main([*argv, *(["--models", "tiny"] if command == "search" else [])]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said == (
+        "error: --storage='notaurl': is not a database URL: write sqlite:///<folder>/optuna.db or "
+        "postgresql+psycopg://<user>@<host>:5432/<database>"
+    )
+    assert not runs.exists()

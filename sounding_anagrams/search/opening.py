@@ -24,7 +24,13 @@ from sounding_anagrams.files import machine_lock
 from sounding_anagrams.search.lifecycle import retry_dead_workers_trial
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
 from sounding_anagrams.search.samplers import make_pruner, make_sampler
-from sounding_anagrams.search.stores import check_sqlite_file, default_storage, ensure_database, open_storage
+from sounding_anagrams.search.stores import (
+    check_sqlite_file,
+    default_storage,
+    ensure_database,
+    open_storage,
+    storage_url,
+)
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import Tracker, default_tracking_uri, objective_metrics
 
@@ -98,6 +104,7 @@ def check_stores(settings: SearchSettings) -> None:
     The search refuses rather than running with Optuna alone: MLflow is where a person looks and listens, and
     a trial logged nowhere browsable would have to be logged again by hand.
     """
+    storage_url(settings.storage_url)  # a --storage that is no URL is refused before anything is made
     settings.runs_dir.mkdir(parents=True, exist_ok=True)
     with machine_lock(settings.runs_dir, "optuna"):
         check_sqlite_file(settings.storage_url)

@@ -27,15 +27,29 @@ def default_storage(runs_dir: Path) -> str:
     return f"sqlite:///{runs_dir.resolve() / 'optuna.db'}"
 
 
+def storage_url(url: str) -> Any:
+    """``url`` parsed as SQLAlchemy's URL; one that is none is a :class:`ConfigError` saying how one reads."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise ConfigError(
+            "--storage",
+            url,
+            "is not a database URL: write sqlite:///<folder>/optuna.db or "
+            "postgresql+psycopg://<user>@<host>:5432/<database>",
+        ) from None
+
+
 def check_sqlite_file(url: str) -> None:
     """Refuse a sqlite storage whose file is damaged (``PRAGMA quick_check``), before it is used.
 
     Opening a damaged file succeeds and so may the first reads; the damage would surface mid-search, after the
     models loaded and with trials in flight. A missing or empty file is fine: the storage creates it.
     """
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
+    parsed = storage_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
         return
     path = Path(parsed.database)
@@ -60,10 +74,9 @@ def storage_lock(url: str, scope: str = "") -> Iterator[None]:
     server (this project's key and the scope's CRC-32), shared by every machine. Other databases: none.
     """
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
-    parsed = make_url(url)
+    parsed = storage_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite" and parsed.database and has_shared_lock(url):
         with machine_lock(Path(parsed.database), scope):
@@ -94,9 +107,7 @@ def schema_lock(url: str) -> contextlib.AbstractContextManager[None]:
 def has_shared_lock(url: str) -> bool:
     """Whether :func:`storage_lock` really excludes other processes for this storage (sqlite on a file,
     PostgreSQL); other databases get no lock."""
-    from sqlalchemy.engine import make_url
-
-    parsed = make_url(url)
+    parsed = storage_url(url)
     backend = parsed.get_backend_name()
     return backend == "postgresql" or (
         backend == "sqlite" and bool(parsed.database) and parsed.database != ":memory:"
@@ -114,10 +125,9 @@ def ensure_database(url: str, *, field: str) -> None:
     first server on a fresh PostgreSQL), and say so. Anything else is left to the store's own opening, which
     says what is wrong."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
-    parsed = make_url(url)
+    parsed = storage_url(url)
     if parsed.get_backend_name() != "postgresql" or not parsed.database:
         return
     engine = create_engine(parsed, poolclass=NullPool)
