@@ -82,6 +82,26 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def writable_folder(path: Path, field: str) -> Path:
+    """``path`` as a folder this process can write in, made if missing; a file in its place, or a folder
+    that cannot be made or written (no permission, a read-only disk), is a :class:`ConfigError` saying so."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(field, str(path), "is a file, not a folder: give a folder (it is made if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(
+            field,
+            str(path),
+            f"cannot be written ({error.strerror or error}): give a folder you can write in, e.g. on another "
+            "disk",
+        ) from None
+    return path
+
+
 def machine_lock(path: Path, scope: str = "") -> FileLock:
     """A lock every process of this machine shares for ``path`` (by its resolved path) and ``scope``, its
     file kept in the temporary folder (``$TMPDIR/sounding-anagrams-locks-<uid>/``), not beside ``path``: a

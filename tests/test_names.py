@@ -99,3 +99,23 @@ def test_a_study_without_a_knob_set_gives_valid_csv_and_json_and_a_sentence(stat
     data = json.loads(board.render("json"))
     assert data["knob_sets"] == [] and data["best_renders"] == []
     assert board.render().endswith("no completed trial yet")
+
+
+def test_runs_that_is_a_file_or_cannot_be_written_is_one_sentence(tmp_path: Path, monkeypatch):
+    import errno
+    import tempfile
+
+    from sounding_anagrams.files import writable_folder
+
+    a_file = tmp_path / "runs"
+    a_file.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"--runs='.*runs': is a file, not a folder"):
+        writable_folder(a_file, "--runs")
+
+    # A read-only disk (root writes anywhere here, so the disk's refusal is played by mkstemp).
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(ConfigError, match=r"cannot be written \(Read-only file system\): give a folder you"):
+        writable_folder(tmp_path / "elsewhere", "--runs")

@@ -20,7 +20,7 @@ from optuna.storages import RDBStorage
 
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, shown_url
-from sounding_anagrams.files import machine_lock
+from sounding_anagrams.files import machine_lock, writable_folder
 from sounding_anagrams.search.lifecycle import retry_dead_workers_trial
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
 from sounding_anagrams.search.samplers import make_pruner, make_sampler
@@ -105,7 +105,7 @@ def check_stores(settings: SearchSettings) -> None:
     a trial logged nowhere browsable would have to be logged again by hand.
     """
     storage_url(settings.storage_url)  # a --storage that is no URL is refused before anything is made
-    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(settings.runs_dir, "--runs")
     with machine_lock(settings.runs_dir, "optuna"):
         check_sqlite_file(settings.storage_url)
         ensure_database(settings.storage_url, field="--storage")
@@ -136,7 +136,7 @@ def open_search(study: StudyConfig, settings: SearchSettings, name: str | None =
     url = settings.storage_url
     # Optuna warns at each ask that heartbeats are meant for study.optimize; this search sends them itself.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed", category=UserWarning)
-    settings.runs_dir.mkdir(parents=True, exist_ok=True)
+    writable_folder(settings.runs_dir, "--runs")
     with machine_lock(settings.runs_dir, "optuna"):
         storage = open_storage(url, on_stale_trial=retry_dead_workers_trial)
         existing = [s.study_name for s in optuna.get_all_study_summaries(storage)]

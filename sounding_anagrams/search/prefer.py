@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sounding_anagrams.commands.common import quiet_libraries, study_name_of, study_with_overrides
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, one_line, shown_url
+from sounding_anagrams.files import writable_folder
 from sounding_anagrams.search.media import MIMETYPES, STORE_ATTR, default_location, open_artifact_store
 from sounding_anagrams.search.stopping import EXIT_INTERRUPTED, SearchStopped, StopRequest, stop_on_signals
 from sounding_anagrams.search.stores import default_storage, trial_id_of
@@ -204,7 +205,7 @@ class PreferSession:
         from sounding_anagrams.search.tracking import Tracker
 
         args = self.args
-        args.runs.mkdir(parents=True, exist_ok=True)
+        writable_folder(args.runs, "--runs")
         self.location = args.artifact_store or default_location(args.runs)
         self.store: ArtifactStore = open_artifact_store(self.location)
         self.rdb = open_storage(self.storage_url, heartbeat=False)
