@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sounding-anagrams", description=__doc__.splitlines()[0] if __doc__ else None
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of an unexpected error (also SOUNDING_ANAGRAMS_DEBUG=1)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     add_render_parser(commands)
     add_evaluate_parser(commands)
@@ -371,6 +376,10 @@ def _tracking_uri_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# An error nobody foresaw (a bug): sysexits' EX_SOFTWARE.
+UNEXPECTED_EXIT = 70
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=os.environ.get("SOUNDING_ANAGRAMS_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s"
@@ -439,7 +448,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if database_cause(error) is not None:
             print(f"error: a store of the search failed: {one_line(error)}", file=sys.stderr)
             return StoreError.exit_code
-        raise  # a bug: its traceback is what a report needs
+        if args.debug or os.environ.get("SOUNDING_ANAGRAMS_DEBUG", "") not in ("", "0"):
+            raise  # its traceback, for a report
+        print(
+            f"error: an unexpected error ({type(error).__name__}: {one_line(error)}): a bug of "
+            "sounding-anagrams; run the same "
+            "command with --debug (sounding-anagrams --debug ...) for its traceback, and report it",
+            file=sys.stderr,
+        )
+        return UNEXPECTED_EXIT
 
 
 if __name__ == "__main__":

@@ -364,3 +364,26 @@ def test_render_on_a_cuda_device_this_machine_lacks_says_so_before_any_model_loa
     err = capsys.readouterr().err
     assert err == "error: --device='cuda:1': no CUDA device is present on this machine; use 'cpu' or 'auto'\n"
     assert not (tmp_path / "r").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypatch, capsys):
+    """A bug (played here by a command that raises what no code foresaw) is one sentence and exit code 70;
+    --debug, or SOUNDING_ANAGRAMS_DEBUG=1, lets its traceback through."""
+    import sounding_anagrams.cli as cli
+
+    def broken(args):
+        raise KeyError("no such thing")
+
+    monkeypatch.setattr(cli, "run_leaderboard", broken)
+    monkeypatch.delenv("SOUNDING_ANAGRAMS_DEBUG", raising=False)
+    assert cli.main(["leaderboard", "rotate"]) == cli.UNEXPECTED_EXIT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(
+        "error: an unexpected error (KeyError: 'no such thing'): a bug of sounding-anagrams"
+    )
+    with pytest.raises(KeyError):
+        cli.main(["--debug", "leaderboard", "rotate"])
+    monkeypatch.setenv("SOUNDING_ANAGRAMS_DEBUG", "1")
+    with pytest.raises(KeyError):
+        cli.main(["leaderboard", "rotate"])
