@@ -24,11 +24,23 @@ from filelock import FileLock
 from sounding_anagrams.errors import ConfigError
 
 CLIP_FILE = "transition.mp4"  # a render's clip: its views turning while its sound plays
+# Limits of a config or study file (they are a few kilobytes): a hostile file is refused in bounded time and
+# memory, before anything is built from it.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_DEPTH = 32  # lists and mappings inside each other
+MAX_YAML_NODES = 100_000  # values, counting every alias as the values it repeats
 
 
-def read_text(path: Path, field: str, *, hint: str = "") -> str:
-    """The UTF-8 text of ``path``; a missing, unreadable, binary or empty file is a ConfigError."""
+def read_text(path: Path, field: str, *, hint: str = "", limit: int | None = None) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable, binary, empty or (over ``limit`` bytes) too large
+    file is a ConfigError."""
     try:
+        if limit is not None and path.is_file() and path.stat().st_size > limit:
+            raise ConfigError(
+                field,
+                str(path),
+                f"is {path.stat().st_size:,} bytes, more than the {limit:,} a config or study file may be",
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(field, str(path), f"no such file{hint}") from None
@@ -53,8 +65,9 @@ def read_text(path: Path, field: str, *, hint: str = "") -> str:
 
 def read_yaml_mapping(path: Path, field: str, *, hint: str = "") -> Mapping[str, Any]:
     """A YAML file that must hold a mapping of ``field: value``; anything else is a ConfigError."""
-    text = read_text(path, field, hint=hint)
+    text = read_text(path, field, hint=hint, limit=MAX_YAML_BYTES)
     try:
+        check_yaml_size(text, field, str(path))
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
@@ -65,6 +78,38 @@ def read_yaml_mapping(path: Path, field: str, *, hint: str = "") -> Mapping[str,
         held = "nothing but comments" if data is None else f"a {type(data).__name__}"
         raise ConfigError(field, str(path), f"must be a mapping of 'field: value' lines, but it holds {held}")
     return data
+
+
+def check_yaml_size(text: str, field: str, where: str) -> None:
+    """Refuse YAML nested deeper than :data:`MAX_YAML_DEPTH` or holding more than :data:`MAX_YAML_NODES`
+    values once its aliases are expanded (a "billion laughs" file), from its event stream: nothing is built,
+    nothing recurses, and an alias costs its anchor's size without being copied."""
+    sizes: dict[str, int] = {}  # anchor -> the values its node holds, expanded
+    open_counts: list[list[Any]] = [[None, 0]]  # per open collection: its anchor, the values in it so far
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            open_counts[-1][1] += sizes.get(event.anchor or "", 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            open_counts[-1][1] += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            open_counts.append([event.anchor, 1])
+            if len(open_counts) - 1 > MAX_YAML_DEPTH:
+                raise ConfigError(
+                    field, where, f"is nested more than {MAX_YAML_DEPTH} lists or mappings deep"
+                )
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, count = open_counts.pop()
+            if anchor:
+                sizes[anchor] = count
+            open_counts[-1][1] += count
+        if sum(count for _, count in open_counts) > MAX_YAML_NODES:  # every value so far, expanded
+            raise ConfigError(
+                field,
+                where,
+                f"holds more than {MAX_YAML_NODES:,} values once its aliases (*name) are expanded: refused",
+            )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
