@@ -387,3 +387,33 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypat
     monkeypatch.setenv("SOUNDING_ANAGRAMS_DEBUG", "1")
     with pytest.raises(KeyError):
         cli.main(["leaderboard", "rotate"])
+
+
+@pytest.mark.parametrize("command", ["server", "dashboard", "prefer"])
+def test_a_busy_port_is_said_before_any_work(command, tmp_path: Path, capsys):
+    """A port another process listens on is refused at once, before a store, a model or a candidate."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = {
+            "server": ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db"],
+            "dashboard": ["dashboard", "--runs", str(tmp_path)],
+            "prefer": [
+                "prefer",
+                str(REPO / "studies" / "rotate.yaml"),
+                "--models",
+                "tiny",
+                "--runs",
+                str(tmp_path),
+            ],
+        }[command]
+        assert main([*argv, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        f"error: --port={port}: is in use on 127.0.0.1 (Address already in use): stop what serves there, or "
+        "give another --port"
+    )
+    assert list(tmp_path.iterdir()) == []  # nothing made

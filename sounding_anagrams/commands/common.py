@@ -33,6 +33,29 @@ def finite_float(text: str) -> float:
     return value
 
 
+def check_port(host: str, port: int) -> None:
+    """A port to serve on: a TCP port, and free on ``host`` now, so that a busy one is said before any work
+    (a server started on it would fail in a log line, after the work)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError("--port", port, "must be a TCP port, 1 to 65535")
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError("--host", host, f"is no address to serve on ({error.strerror})") from None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(
+                "--port",
+                port,
+                f"is in use on {host} ({error.strerror}): stop what serves there, or give another --port",
+            ) from None
+
+
 def models_overrides(models: str | None) -> dict[str, str]:
     """``--models`` -> image_model/audio_model fields."""
     if models is None:

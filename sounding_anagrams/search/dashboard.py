@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from sounding_anagrams.commands.common import study_name_of
+from sounding_anagrams.commands.common import check_port, study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.media import STORE_ATTR, default_location, open_artifact_store
 
@@ -21,8 +21,7 @@ def dashboard_url(host: str, port: int, study_id: int, trial_number: int | None 
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    if not 1 <= args.port <= 65535:
-        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    check_port(args.host, args.port)
     if args.storage is None and not (args.runs / "optuna.db").is_file():
         raise ConfigError("--runs", str(args.runs), "holds no optuna.db: run a search first, or give --runs")
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sounding_anagrams.commands.common import checked_search, study_name_of
+from sounding_anagrams.commands.common import check_port, checked_search, study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
 from sounding_anagrams.search.workers import is_cut_short
 
@@ -178,8 +178,7 @@ def watch_workers(
 
 def run_server(args: argparse.Namespace) -> int:
     """``server``: an MLflow tracking server (this process becomes it) for workers on many machines."""
-    if not 1 <= args.port <= 65535:
-        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    check_port(args.host, args.port)
     from sounding_anagrams.search.stores import ensure_database
 
     ensure_database(args.backend_store_uri, field="--backend-store-uri")
@@ -257,6 +256,7 @@ def run_ui(args: argparse.Namespace) -> int:
         print(f"study {name}: {leaderboard_url(uri, studies[name])}")
         print_gallery(args.runs, name, args.storage, gallery_page(client, uri, studies[name]))
         return 0
+    check_port(args.host, args.port)
     ui = f"http://{args.host}:{args.port}"
     page = leaderboard_url(ui, studies[name])
     print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)

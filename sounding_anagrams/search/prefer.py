@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sounding_anagrams.commands.common import quiet_libraries, study_name_of, study_with_overrides
+from sounding_anagrams.commands.common import check_port, quiet_libraries, study_name_of, study_with_overrides
 from sounding_anagrams.errors import ConfigError, SoundingAnagramsError, one_line, shown_url
 from sounding_anagrams.files import writable_folder
 from sounding_anagrams.search.media import MIMETYPES, STORE_ATTR, default_location, open_artifact_store
@@ -153,8 +153,11 @@ def run_prefer(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--trials", trials, f"must be at least --candidates ({args.candidates}): the candidates to make"
         )
-    if not 1 <= args.port <= 65535:
-        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    if args.no_dashboard:
+        if not 1 <= args.port <= 65535:
+            raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
+    else:
+        check_port(args.host, args.port)  # a busy port is said before any candidate renders
     sampler_class = preference_sampler_class()
     request = StopRequest()
     # Ctrl-C and a plain `kill` (SIGTERM) only set the request's flags: the session sees them at its next
