@@ -73,7 +73,7 @@ search: install
 
 server: install
 	$(BIN)/sounding-anagrams server --backend-store-uri $(MLFLOW_DB) --artifacts-destination $(ARTIFACTS) \
-		--host $(HOST) --port $(PORT)
+		--host $(HOST) --port $(PORT) $(if $(EXPOSE),--expose)
 
 confirm: install
 	$(BIN)/sounding-anagrams confirm studies/$(VIEW).yaml --runs $(RUNS) $(if $(MODELS),--models $(MODELS)) $(STORES)

@@ -248,6 +248,11 @@ def add_ui_parser(commands: Commands) -> None:
     _study_page_arguments(ui)
     _add_runs_arguments(ui)
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    ui.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host beyond this machine (no authentication: see the README)",
+    )
     ui.add_argument("--port", type=int, default=5000)
 
 
@@ -313,7 +318,14 @@ def add_server_parser(commands: Commands) -> None:
         help="where the server keeps artifacts: a folder (an NFS mount for a cluster), s3://bucket/path "
         "(with AWS_* / MLFLOW_S3_ENDPOINT_URL for MinIO)... (default runs/server-artifacts)",
     )
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a cluster)")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a cluster, with --expose)"
+    )
+    server.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host beyond this machine (no authentication: see the README)",
+    )
     server.add_argument("--port", type=int, default=5000)
     server.add_argument(
         "--allowed-hosts",
@@ -345,6 +357,11 @@ def dashboard_arguments(parser: argparse.ArgumentParser) -> None:
         help="the media's store: a folder or s3://bucket (default: the study's, or <runs>/optuna-artifacts)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host beyond this machine (no authentication: see the README)",
+    )
     parser.add_argument("--port", type=int, default=8080)
 
 

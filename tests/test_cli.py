@@ -417,3 +417,44 @@ def test_a_busy_port_is_said_before_any_work(command, tmp_path: Path, capsys):
         "give another --port"
     )
     assert list(tmp_path.iterdir()) == []  # nothing made
+
+
+@pytest.mark.parametrize("command", ["server", "dashboard", "ui", "prefer"])
+def test_serving_beyond_loopback_is_refused_unless_exposed(command, tmp_path: Path, capsys):
+    """Nothing is served beyond this machine by accident: a --host that is not loopback needs --expose, and
+    with it a warning says there is no authentication and how to add it."""
+    argv = {
+        "server": ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db"],
+        "dashboard": ["dashboard", "--runs", str(tmp_path)],
+        "ui": ["ui", "--runs", str(tmp_path)],
+        "prefer": [
+            "prefer",
+            str(REPO / "studies" / "rotate.yaml"),
+            "--models",
+            "tiny",
+            "--runs",
+            str(tmp_path),
+        ],
+    }[command]
+    assert main([*argv, "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --host='0.0.0.0': would serve beyond this machine with no authentication: add --expose if "
+        "that is meant (default 127.0.0.1, this machine only)"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_exposed_port_warns_that_nothing_asks_for_a_password(capsys):
+    import socket
+
+    from sounding_anagrams.commands.common import check_port, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    check_port("0.0.0.0", port, expose=True)
+    warning = capsys.readouterr().err
+    assert warning.startswith(f"warning: serving on 0.0.0.0:{port} with no authentication")
+    assert "--app-name basic-auth" in warning and "reverse proxy with a password" in warning

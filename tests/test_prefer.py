@@ -205,7 +205,7 @@ def candidate_runs(runs: Path) -> dict[int, Any]:
 def test_prefer_without_botorch_names_the_extra(monkeypatch, tmp_path: Path, capsys):
     monkeypatch.setitem(sys.modules, "optuna_dashboard.preferential.samplers.gp", None)
     argv = ["prefer", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny", "--runs", str(tmp_path)]
-    assert main(argv) == 2
+    assert main([*argv, "--port", str(free_port())]) == 2
     err = capsys.readouterr().err
     assert "prefer needs BoTorch" in err and "pip install 'sounding-anagrams[prefer]'" in err
     assert not (tmp_path / "optuna.db").exists()  # nothing made before the check

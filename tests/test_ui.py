@@ -139,7 +139,7 @@ def _frame_with_images(page, timeout: float = 60):
 def test_ui_without_a_search_says_what_to_do(tmp_path: Path, capsys):
     from sounding_anagrams.cli import main
 
-    assert main(["ui", "--runs", str(tmp_path)]) == 2
+    assert main(["ui", "--runs", str(tmp_path), "--port", str(free_port())]) == 2
     assert "holds no mlflow.db: run a search first" in capsys.readouterr().err
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,13 +34,31 @@ def finite_float(text: str) -> float:
     return value
 
 
-def check_port(host: str, port: int) -> None:
+def check_port(host: str, port: int, *, expose: bool = False) -> None:
     """A port to serve on: a TCP port, and free on ``host`` now, so that a busy one is said before any work
-    (a server started on it would fail in a log line, after the work)."""
+    (a server started on it would fail in a log line, after the work). A ``host`` beyond loopback serves
+    without authentication to whoever reaches the machine: refused unless ``expose`` (``--expose``), and then
+    said in a warning with how to add authentication."""
     import socket
 
     if not 1 <= port <= 65535:
         raise ConfigError("--port", port, "must be a TCP port, 1 to 65535")
+    if not is_loopback(host):
+        if not expose:
+            raise ConfigError(
+                "--host",
+                host,
+                "would serve beyond this machine with no authentication: add --expose if that is meant "
+                "(default 127.0.0.1, this machine only)",
+            )
+        print(
+            f"warning: serving on {host}:{port} with no authentication: whoever reaches this machine can "
+            "read (and for MLflow, write) the study; add authentication in front of it: MLflow's "
+            "`mlflow server --app-name basic-auth`, or a reverse proxy with a password (e.g. nginx "
+            "auth_basic) for the dashboard",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as error:
@@ -54,6 +73,18 @@ def check_port(host: str, port: int) -> None:
                 port,
                 f"is in use on {host} ({error.strerror}): stop what serves there, or give another --port",
             ) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only localhost is known to stay here
+        return False
 
 
 def models_overrides(models: str | None) -> dict[str, str]:

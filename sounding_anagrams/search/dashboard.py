@@ -21,7 +21,7 @@ def dashboard_url(host: str, port: int, study_id: int, trial_number: int | None 
 
 
 def run_dashboard(args: argparse.Namespace) -> int:
-    check_port(args.host, args.port)
+    check_port(args.host, args.port, expose=args.expose)
     if args.storage is None and not (args.runs / "optuna.db").is_file():
         raise ConfigError("--runs", str(args.runs), "holds no optuna.db: run a search first, or give --runs")
 

@@ -178,7 +178,7 @@ def watch_workers(
 
 def run_server(args: argparse.Namespace) -> int:
     """``server``: an MLflow tracking server (this process becomes it) for workers on many machines."""
-    check_port(args.host, args.port)
+    check_port(args.host, args.port, expose=args.expose)
     from sounding_anagrams.search.stores import ensure_database
 
     ensure_database(args.backend_store_uri, field="--backend-store-uri")
@@ -221,9 +221,9 @@ def run_server(args: argparse.Namespace) -> int:
 def run_ui(args: argparse.Namespace) -> int:
     """``ui``: print the page of a study's leaderboard, and serve MLflow's UI over a local store (this process
     becomes the server); an MLflow server (``--tracking-uri``) is its own UI."""
-    if not 1 <= args.port <= 65535:
-        raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:  # this process will serve the UI: its address is checked before anything else
+        check_port(args.host, args.port, expose=args.expose)
     store = args.runs.resolve() / "mlflow.db"
     if not uri:
         if not store.is_file():
@@ -256,7 +256,6 @@ def run_ui(args: argparse.Namespace) -> int:
         print(f"study {name}: {leaderboard_url(uri, studies[name])}")
         print_gallery(args.runs, name, args.storage, gallery_page(client, uri, studies[name]))
         return 0
-    check_port(args.host, args.port)
     ui = f"http://{args.host}:{args.port}"
     page = leaderboard_url(ui, studies[name])
     print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)

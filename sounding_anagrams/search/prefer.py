@@ -157,7 +157,7 @@ def run_prefer(args: argparse.Namespace) -> int:
         if not 1 <= args.port <= 65535:
             raise ConfigError("--port", args.port, "must be a TCP port, 1 to 65535")
     else:
-        check_port(args.host, args.port)  # a busy port is said before any candidate renders
+        check_port(args.host, args.port, expose=args.expose)  # said before any candidate renders
     sampler_class = preference_sampler_class()
     request = StopRequest()
     # Ctrl-C and a plain `kill` (SIGTERM) only set the request's flags: the session sees them at its next
