@@ -229,6 +229,18 @@ def test_bad_worker_and_server_arguments_are_refused_with_what_is_allowed(tmp_pa
     assert "--workers=0: must be at least 1" in capsys.readouterr().err
     assert main(["server", "--port", "70000"]) == 2
     assert "--port=70000: must be a TCP port, 1 to 65535" in capsys.readouterr().err
+    # Bounded by the machine, before anything starts: no GPU here, so one worker per core.
+    runs = tmp_path / "many"
+    assert main(["search", study, "--models", "tiny", "--runs", str(runs), "--workers", "10000"]) == 2
+    err = capsys.readouterr().err
+    cores = len(os.sched_getaffinity(0))
+    assert f"--workers=10000: this machine shows no GPU and {cores} CPU core(s)" in err and not runs.exists()
+    # An artifact store that cannot be used is said once, before any worker starts.
+    bad = ["--artifact-store", "ftp://nowhere", "--workers", "2"]
+    assert main(["search", study, "--models", "tiny", "--runs", str(runs), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--artifact-store='ftp://nowhere': must be a folder or s3://" in err
+    assert not runs.exists()
 
 
 def test_a_worker_runs_the_parents_command_without_workers_and_quiet(monkeypatch):

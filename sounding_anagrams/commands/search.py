@@ -24,13 +24,13 @@ def run_search(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.stopping import StopReason, stop_on_signals
 
     quiet_libraries()
-    # The stores first: a bad --storage or an MLflow server that does not answer is said in seconds, not
-    # after minutes of loading real weights.
-    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
+    # The stores first: a bad --artifact-store or --storage, or an MLflow server that does not answer, is said
+    # in seconds, not after minutes of loading real weights (and before --runs is made).
     if args.artifact_store is not None:
         from sounding_anagrams.search.media import open_artifact_store
 
         open_artifact_store(args.artifact_store)
+    check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
     render_config = study.render
     models = load_models_for(render_config)
     scorers = Scorers.load(models="tiny" if tiny else None, device=str(models.device))

@@ -70,8 +70,20 @@ def run_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
             args.workers,
             f"this machine shows {len(gpus)} GPU(s) ({','.join(gpus)}): at most one worker per GPU",
         )
-    # Once here, not by each worker: the databases and tables are made, and a server that does not answer is
-    # said before any worker starts.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not gpus and args.workers > cores:
+        raise ConfigError(
+            "--workers",
+            args.workers,
+            f"this machine shows no GPU and {cores} CPU core(s) for this process: at most one worker per "
+            "core (each worker renders on all of them; more would only wait)",
+        )
+    # Once here, not by each worker: an artifact store that cannot be used and a server that does not answer
+    # are said before any worker starts (and the databases and tables are made).
+    if args.artifact_store is not None:
+        from sounding_anagrams.search.media import open_artifact_store
+
+        open_artifact_store(args.artifact_store)
     check_stores(SearchSettings(runs_dir=args.runs, storage=args.storage, tracking_uri=args.tracking_uri))
     logs = args.runs / "workers"
     logs.mkdir(parents=True, exist_ok=True)
