@@ -253,3 +253,45 @@ def test_a_worker_runs_the_parents_command_without_workers_and_quiet(monkeypatch
     assert visible_gpus() == ["2", "5"]  # one worker each, named as the scheduler named them
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert visible_gpus() == []
+
+
+def _answers(port: int) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def _wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_server_stops_on_ctrl_c_in_one_line_and_leaves_no_process(
+    tmp_path: Path, spawned: list[subprocess.Popen]
+):
+    """Ctrl-C to `server` is one clean stop (MLflow's workers printed a KeyboardInterrupt traceback each);
+    and a server whose parent is killed outright goes with it."""
+    for stop in (signal.SIGINT, signal.SIGKILL):
+        port = free_port()
+        log = tmp_path / f"server-{stop.name}.log"
+        command = cli(
+            "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--artifacts-destination", str(tmp_path / "artifacts"), "--port", str(port),
+        )  # fmt: skip
+        with log.open("wb") as out:
+            server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        spawned.append(server)
+        _wait_for(lambda port=port: _answers(port), f"the server never answered: {log.read_text()[-2000:]}")
+        server.send_signal(stop)
+        code = server.wait(timeout=120)
+        _wait_for(lambda port=port: not _answers(port), "the server outlived its parent", timeout=90)
+        if stop == signal.SIGINT:
+            said = log.read_text()
+            assert code == 130 and "Traceback" not in said and "KeyboardInterrupt" not in said, said[-3000:]
+            assert said.rstrip().endswith("stopped")

@@ -7,6 +7,7 @@ Kept free of torch and the models: the parent of the workers only starts, watche
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 
 from sounding_anagrams.commands.common import check_port, checked_search, study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
+from sounding_anagrams.search.stopping import EXIT_INTERRUPTED
 from sounding_anagrams.search.workers import is_cut_short
 
 
@@ -225,9 +227,55 @@ def run_server(args: argparse.Namespace) -> int:
     ]
     if args.allowed_hosts:
         command += ["--allowed-hosts", args.allowed_hosts]
+    return supervise(command)
+
+
+SERVER_STOP_SECONDS = 30  # a server's graceful shutdown, before it is killed
+
+
+def supervise(command: list[str]) -> int:
+    """Run a server (MLflow's) as a child until Ctrl-C or SIGTERM, then stop it cleanly.
+
+    The child runs in a session of its own, so a Ctrl-C at the terminal reaches this process only (sent to
+    MLflow's workers it printed a traceback each); a signal here becomes one SIGTERM to the child, whose
+    shutdown is waited for. Should this process be killed outright, the child is sent SIGTERM by the kernel
+    (Linux's parent-death signal), so no server is left behind. Returns the child's exit code, or 130 when
+    stopped by a signal.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.execv(sys.executable, command)
-    return 0  # not reached: this process is the server now
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_terminate_with_parent)
+    stopped: list[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        if child.poll() is None:
+            child.terminate()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deadline: float | None = None
+    try:
+        while (code := child.poll()) is None:
+            if stopped and deadline is None:
+                deadline = time.monotonic() + SERVER_STOP_SECONDS
+            if deadline is not None and time.monotonic() > deadline:
+                child.kill()  # it did not stop on SIGTERM
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stopped:
+        print("stopped", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return code
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before it runs: SIGTERM when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``)."""
+    import ctypes
+
+    with contextlib.suppress(OSError):  # not Linux's libc: the parent's own stop path is all there is
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
 def run_ui(args: argparse.Namespace) -> int:
@@ -272,9 +320,7 @@ def run_ui(args: argparse.Namespace) -> int:
     page = leaderboard_url(ui, studies[name])
     print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)
     print_gallery(args.runs, name, args.storage, gallery_page(client, ui, studies[name]))
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.execv(
-        sys.executable,
+    return supervise(
         [
             sys.executable,
             "-m",
@@ -292,4 +338,3 @@ def run_ui(args: argparse.Namespace) -> int:
             "1",  # one person browsing: starts in seconds, not four processes
         ],
     )
-    return 0  # not reached: this process is the server now
