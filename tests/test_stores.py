@@ -118,3 +118,20 @@ def test_a_storage_that_is_no_url_is_one_sentence_and_leaves_nothing(command, tm
         "postgresql+psycopg://<user>@<host>:5432/<database>"
     )
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("command", ["leaderboard", "export", "gallery", "dashboard"])
+def test_a_read_only_command_on_a_missing_sqlite_file_says_so_and_makes_nothing(
+    command, tmp_path: Path, capsys
+):
+    """A mistyped --storage is said; the commands that only read never make a folder or an empty database."""
+    from sounding_anagrams.cli import main
+
+    storage = f"sqlite:///{tmp_path / 'typo' / 'optuna.db'}"
+    argv = [command, *([] if command == "dashboard" else ["rotate"]), "--storage", storage]
+    assert main([*argv, "--runs", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --storage='{storage}': no such database file: run a search first (it makes one), or give "
+        "the --storage it used"
+    )
+    assert list(tmp_path.iterdir()) == []

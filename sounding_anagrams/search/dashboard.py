@@ -29,10 +29,10 @@ def run_dashboard(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from sounding_anagrams.search.report import load_study_from_storage
-    from sounding_anagrams.search.stores import default_storage, open_storage, storage_url
+    from sounding_anagrams.search.stores import default_storage, open_storage, require_database
 
     storage = args.storage or default_storage(args.runs)
-    storage_url(storage)  # one that is no URL is said in a sentence
+    require_database(storage)  # one that is no URL, or a sqlite file not there, is said (and never made)
     if args.study:
         study = load_study_from_storage(study_name_of(str(args.study), args.models), storage)
     else:

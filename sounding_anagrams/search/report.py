@@ -26,7 +26,7 @@ from sounding_anagrams.errors import (
 )
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.numbers import readable, signed
-from sounding_anagrams.search.stores import check_sqlite_file, open_storage, trial_record
+from sounding_anagrams.search.stores import check_sqlite_file, open_storage, require_database, trial_record
 from sounding_anagrams.search.study import balance_weights
 from sounding_anagrams.search.tracking import is_server, run_link
 
@@ -138,6 +138,7 @@ class Ranked:
 
 def load_study_from_storage(name: str, storage: str) -> optuna.Study:
     """An existing study by name; a missing one is an error listing the studies there are."""
+    require_database(storage)
     check_sqlite_file(storage)
     rdb = open_storage(storage)  # under the storage's lock: a search may be creating it right now
     try:

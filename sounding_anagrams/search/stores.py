@@ -43,6 +43,19 @@ def storage_url(url: str) -> Any:
         ) from None
 
 
+def require_database(url: str) -> None:
+    """For a command that only reads a study (``leaderboard``, ``export``, ``gallery``, ``dashboard``): a
+    sqlite file that is not there is said, never made (opening it would create an empty database)."""
+    parsed = storage_url(url)
+    local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+    if local and not Path(parsed.database).is_file():
+        raise ConfigError(
+            "--storage",
+            shown_url(url),
+            "no such database file: run a search first (it makes one), or give the --storage it used",
+        )
+
+
 def check_sqlite_file(url: str) -> None:
     """Refuse a sqlite storage whose file is damaged (``PRAGMA quick_check``), before it is used.
 
