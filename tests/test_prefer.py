@@ -527,3 +527,19 @@ def test_ctrl_c_while_the_person_chooses_keeps_the_shown_candidates_logged_and_e
     assert main(["export", STUDY_NAME, "--prefer", "--runs", str(runs), "--out", str(out)]) == 0
     assert len(list(out.glob("*.yaml"))) == 2
     assert capsys.readouterr().err == ""
+
+
+def test_prefer_refuses_a_name_an_automatic_study_holds(tmp_path: Path, capsys):
+    """`<study>-prefer` made by an automatic search (a study file named so) is said, not a database error,
+    and the prefer run adds nothing to it."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize")
+    argv = ["prefer", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny", "--runs", str(tmp_path)]
+    assert main([*argv, "--no-dashboard"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"error: study='{STUDY_NAME}': a study of this name in sqlite:///")
+        and err.count("\n") == 1
+    )
+    assert "is not a prefer study" in err
+    assert optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs == {}

@@ -213,6 +213,13 @@ class PreferSession:
         self.store: ArtifactStore = open_artifact_store(self.location)
         self.rdb = open_storage(self.storage_url, heartbeat=False)
         existing = {s.study_name for s in optuna.get_all_study_summaries(self.rdb)}
+        if self.name in existing and not is_preferential(self.rdb, self.name):
+            raise ConfigError(
+                "study",
+                self.name,
+                f"a study of this name in {shown_url(self.storage_url)} is not a prefer study (an automatic "
+                "search made it?): give the study file another name, or use another --runs or --storage",
+            )
         self.preferential = create_study(
             n_generate=args.candidates,
             storage=self.rdb,
