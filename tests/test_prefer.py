@@ -543,3 +543,14 @@ def test_prefer_refuses_a_name_an_automatic_study_holds(tmp_path: Path, capsys):
     )
     assert "is not a prefer study" in err
     assert optuna.load_study(study_name=STUDY_NAME, storage=storage).user_attrs == {}
+
+
+def test_prefer_from_a_search_that_is_not_there_is_said_before_any_study_is_made(tmp_path: Path, capsys):
+    argv = ["prefer", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny", "--runs", str(tmp_path)]
+    assert main([*argv, "--no-dashboard", "--from-search"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "error: --from-search='rotate-tiny': no such study in this storage: run `search` first, or leave "
+        "it out"
+    )
+    assert optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'optuna.db'}") == []  # no empty study

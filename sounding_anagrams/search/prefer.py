@@ -213,6 +213,13 @@ class PreferSession:
         self.store: ArtifactStore = open_artifact_store(self.location)
         self.rdb = open_storage(self.storage_url, heartbeat=False)
         existing = {s.study_name for s in optuna.get_all_study_summaries(self.rdb)}
+        if self.name not in existing and self.args.from_search and self.searched_name not in existing:
+            # Said before the prefer study is made: a refused run leaves no empty study behind.
+            raise ConfigError(
+                "--from-search",
+                self.searched_name,
+                "no such study in this storage: run `search` first, or leave it out",
+            )
         if self.name in existing and not is_preferential(self.rdb, self.name):
             raise ConfigError(
                 "study",
