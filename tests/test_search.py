@@ -62,6 +62,14 @@ def mlflow_trial_runs(runs: Path, experiment: str):
     return client, [r for r in all_runs if "trial" in r.data.tags]
 
 
+def folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` (links not followed) with its size and modification time (ns)."""
+    return {
+        str(path.relative_to(folder)): (path.lstat().st_size, path.lstat().st_mtime_ns)
+        for path in folder.rglob("*")
+    }
+
+
 def assert_tidy(runs: Path) -> None:
     """What a finished search leaves under ``runs``: every file readable by all (0644, as a shared disk or an
     MLflow server needs), no lock file, no empty folder."""
@@ -353,6 +361,7 @@ def test_export_then_render_reproduces_the_best_candidate(
     runner = runner_for(STUDY, tiny_models, designed_scorers, tmp_path)
     runner.run()
     best = runner.optuna_study.best_trial
+    before = folder_state(tmp_path)
     assert main(["leaderboard", "unit", "--runs", str(tmp_path), "--wide"]) == 0
     wide = capsys.readouterr().out
     assert "clip/alignment" in wide and "clap/audio0" in wide and f"trial-{best.number:04d}" in wide
@@ -413,6 +422,8 @@ def test_export_then_render_reproduces_the_best_candidate(
     assert f"objective = {objective}, the mean over seeds" in markdown
     assert main(["leaderboard", "unit", "--runs", str(tmp_path), "--format", "xml"]) == 2
     assert "--format='xml': unknown format 'xml'" in capsys.readouterr().err
+    # A read-only command: every format above left the runs folder as it was, byte for byte.
+    assert folder_state(tmp_path) == before
     # The search run carries the same knob sets as a table artifact.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = next(r for r in client.search_runs([runner.tracker.experiment_id]) if "trial" not in r.data.tags)
