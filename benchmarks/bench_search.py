@@ -59,7 +59,7 @@ from sounding_anagrams.sampler.models import ModelBundle, load_models  # noqa: E
 from sounding_anagrams.sampler.pipeline import JointSampler  # noqa: E402
 from sounding_anagrams.search.loop import SearchRunner  # noqa: E402
 from sounding_anagrams.search.opening import SearchSettings  # noqa: E402
-from sounding_anagrams.search.report import export_best  # noqa: E402
+from sounding_anagrams.search.report import export_best, seed_folders  # noqa: E402
 from sounding_anagrams.search.space import ParamSpec  # noqa: E402
 from sounding_anagrams.search.stores import trial_record  # noqa: E402
 from sounding_anagrams.search.study import StudyConfig, parse_study  # noqa: E402
@@ -201,7 +201,8 @@ def incumbents(study: optuna.Study) -> list[tuple[int, RenderConfig]]:
         spent += len(trial_record(trial, "seed_values") or [])
         if not trial.user_attrs.get("raced") and trial.values[0] > best:
             best = trial.values[0]
-            config = RenderConfig.from_yaml(Path(trial.user_attrs["render_folder"], "config.yaml"))
+            best_render = seed_folders(trial)[trial.user_attrs["best_seed"]]
+            config = RenderConfig.from_yaml(Path(best_render, "config.yaml"))
             found.append((spent, config))
     return found
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from sounding_anagrams.cli import main
 from sounding_anagrams.search.report import confirmed_records, confirmed_winner
-from sounding_anagrams.search.stores import open_storage
+from sounding_anagrams.search.stores import open_storage, trial_record
 from sounding_anagrams.search.workers import is_cut_short
 from tests.processes import free_port, kill_mid_trial, light_rotate, served
 from tests.servers import postgres_url
@@ -135,7 +135,7 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
     for trial in counted:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["trial"] == str(trial.number)
-        assert trial.user_attrs["artifact_uri"] == run.info.artifact_uri
+        assert trial_record(trial, "artifact_uri") == run.info.artifact_uri
         assert run.info.artifact_uri.startswith("mlflow-artifacts:")
         if trial.state != TrialState.COMPLETE:
             continue
@@ -163,7 +163,7 @@ def test_three_workers_share_a_postgresql_study_and_an_mlflow_server_and_survive
     fourth = tmp_path / "machine-3"
     fourth.mkdir()
     where = ["--models", "tiny", "--storage", storage, "--runs", str(fourth)]
-    assert main(["leaderboard", study_file, *where]) == 0
+    assert main(["leaderboard", study_file, *where, "--wide"]) == 0  # --wide: with the files' column
     board = capsys.readouterr().out
     assert f"{uri}/#/experiments/" in board and "/runs/" in board
     assert f"retry of {killed}" in board or retries[0].state != TrialState.COMPLETE

@@ -106,7 +106,7 @@ def test_small_search_lands_every_trial_in_optuna_and_mlflow(tiny_models, design
             assert config["seed"] == seed and Path(trial.user_attrs["trial_folder"], f"seed-{k}").is_dir()
         best = trial.user_attrs["best_seed"]
         assert per_seed[best][0] == max(v[0] for v in per_seed)
-        assert trial.user_attrs["render_folder"] == seed_folders(trial)[best]
+        assert Path(seed_folders(trial)[best]) == Path(trial.user_attrs["trial_folder"], f"seed-{best}")
     client, runs = mlflow_trial_runs(tmp_path, "unit")
     assert sorted(int(r.data.tags["trial"]) for r in runs) == sorted(t.number for t in trials)
     parent_ids = {r.data.tags["mlflow.parentRunId"] for r in runs}

@@ -214,7 +214,7 @@ def open_storage(
 # A trial's long records, kept as Optuna system attributes, which no client lists: optuna-dashboard's trial
 # page showed each user attribute on one line, and these made it 3,726 px wide. Short facts (seeds, best seed,
 # folders, MLflow run) stay user attributes, where a person reads them.
-TRIAL_RECORDS = ("scores", "seed_values", "seed_scores")
+TRIAL_RECORDS = ("scores", "seed_values", "seed_scores", "artifact_uri")
 
 
 def trial_record(trial: optuna.trial.FrozenTrial, key: str) -> Any:

@@ -52,20 +52,18 @@ class TrialOutcome:
     artifact_uri: str | None = None
 
     def user_attrs(self) -> dict[str, Any]:
-        """What Optuna keeps of the trial beside its values (JSON). The folders are the rendering machine's
-        (a hint there); the MLflow run and its artifact URI are what any machine reads the files from."""
+        """What Optuna keeps of the trial beside its values (JSON), short facts a person reads in any client.
+        The folder is the rendering machine's (a hint there; its seeds are ``seed-0``, ``seed-1``, ...); the
+        MLflow run is what any machine reads the files from."""
         attrs: dict[str, Any] = {"seeds": self.seeds}
         if self.run_id is not None:
             attrs["mlflow_run_id"] = self.run_id
-            attrs["artifact_uri"] = self.artifact_uri
         if self.folder is not None:
-            attrs["trial_folder"] = str(self.folder.resolve())  # its seeds' folders: seed-0, seed-1, ...
+            attrs["trial_folder"] = str(self.folder.resolve())
         if self.raced:
             attrs["raced"] = True
         if self.best_seed is not None:
             attrs["best_seed"] = self.best_seed
-            if self.folder is not None:
-                attrs["render_folder"] = str((self.folder / f"seed-{self.best_seed}").resolve())
         if self.reason:
             attrs["fail_reason"] = self.reason
         return attrs
@@ -74,6 +72,8 @@ class TrialOutcome:
         """The trial's long records (:data:`~sounding_anagrams.search.stores.TRIAL_RECORDS`): its mean scores,
         and every seed's values and scores, kept where no client lists them."""
         records: dict[str, Any] = {}
+        if self.artifact_uri is not None:
+            records["artifact_uri"] = self.artifact_uri
         if self.scores:
             records["scores"] = self.scores
         if self.seed_values:
@@ -224,7 +224,7 @@ def outcome_of(trial: optuna.trial.FrozenTrial) -> TrialOutcome:
         best_seed=attrs.get("best_seed"),
         raced=bool(attrs.get("raced", False)),
         run_id=attrs.get("mlflow_run_id"),
-        artifact_uri=attrs.get("artifact_uri"),
+        artifact_uri=trial_record(trial, "artifact_uri"),
     )
 
 
