@@ -135,7 +135,7 @@ def test_gallery_command_writes_the_page_and_prints_its_path(searched: Searched,
 def test_ui_prints_where_the_gallery_is(searched: Searched, capsys, monkeypatch):
     served_instead: list[list[str]] = []
     monkeypatch.setattr(
-        "sounding_anagrams.search.fleet.os.execv", lambda _, argv: served_instead.append(argv)
+        "sounding_anagrams.search.fleet.supervise", lambda argv: served_instead.append(argv) or 0
     )
     port = free_port()
     assert main(["ui", "--runs", str(searched.runs), "--port", str(port)]) == 0
