@@ -36,6 +36,7 @@ from sounding_anagrams.animation import CLIP_FPS, write_mp4
 from sounding_anagrams.config import RenderConfig
 from sounding_anagrams.files import CLIP_FILE
 from sounding_anagrams.numbers import readable
+from sounding_anagrams.search.pictures import fitted, sheet_font, wrapped
 
 CANDIDATE_CLIP = "candidate.mp4"
 POSTER = "poster.png"
@@ -103,8 +104,6 @@ class _Page:
     """A grayscale page drawn top to bottom: lines of text, then pictures, each at the next free row."""
 
     def __init__(self, height: int) -> None:
-        from sounding_anagrams.search.pictures import sheet_font
-
         self.image = Image.new("L", (WIDTH, height), PAPER)
         self.draw = ImageDraw.Draw(self.image)
         self.title_font, self.font = sheet_font(TITLE_SIZE), sheet_font(TEXT_SIZE)
@@ -115,7 +114,7 @@ class _Page:
         """One line (cut to the width); returns its top and bottom."""
         font = self.title_font if title else self.font
         size = TITLE_SIZE if title else TEXT_SIZE
-        line = fit_line(self.draw, line, font, WIDTH - 2 * MARGIN)
+        line = fitted(self.draw, line, font, WIDTH - 2 * MARGIN)
         top = self.y
         self.draw.text((MARGIN, top), line, fill=SOFT_INK if soft else INK, font=font)
         right = MARGIN + round(self.draw.textlength(line, font=font))
@@ -125,14 +124,14 @@ class _Page:
 
     def lines(self, items: Sequence[str], *, separator: str = "   ") -> None:
         """Items joined on as few lines as fit the width, an item never split."""
-        for line in wrap_items(self.draw, items, self.font, WIDTH - 2 * MARGIN, separator):
+        for line in wrapped(self.draw, items, self.font, WIDTH - 2 * MARGIN, separator):
             self.text(line)
 
     def paragraph(self, text: str) -> tuple[int, int]:
         """``text`` broken at spaces over as many lines as it takes; returns its top and bottom."""
         rows = [
             self.text(line)
-            for line in wrap_items(self.draw, text.split(" "), self.font, WIDTH - 2 * MARGIN, " ")
+            for line in wrapped(self.draw, text.split(" "), self.font, WIDTH - 2 * MARGIN, " ")
         ]
         return rows[0][0], rows[-1][1]
 
@@ -147,30 +146,6 @@ class _Page:
 
     def gap(self) -> None:
         self.y += MARGIN
-
-
-def fit_line(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text`` cut with an ellipsis to ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def wrap_items(
-    draw: ImageDraw.ImageDraw, items: Sequence[str], font: Any, width: int, separator: str
-) -> list[str]:
-    """``items`` joined by ``separator`` into lines of at most ``width`` pixels (an item too long for a line
-    stands alone and is cut when drawn)."""
-    lines: list[str] = []
-    for item in items:
-        joined = f"{lines[-1]}{separator}{item}" if lines else item
-        if lines and draw.textlength(joined, font=font) <= width:
-            lines[-1] = joined
-        else:
-            lines.append(item)
-    return lines
 
 
 def fit_picture(image: Image.Image) -> Image.Image:

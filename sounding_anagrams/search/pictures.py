@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,11 +161,14 @@ def fitted(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + "..."
 
 
-def wrapped(draw: ImageDraw.ImageDraw, items: list[str], font: Any, width: int) -> list[str]:
-    """``items`` joined three spaces apart onto lines of at most ``width`` pixels (an item is never split)."""
+def wrapped(
+    draw: ImageDraw.ImageDraw, items: Sequence[str], font: Any, width: int, separator: str = "   "
+) -> list[str]:
+    """``items`` joined by ``separator`` onto lines of at most ``width`` pixels (an item is never split: one
+    too long for a line stands alone)."""
     lines: list[str] = []
     for item in items:
-        joined = f"{lines[-1]}   {item}" if lines else item
+        joined = f"{lines[-1]}{separator}{item}" if lines else item
         if lines and draw.textlength(joined, font=font) <= width:
             lines[-1] = joined
         else:
