@@ -389,6 +389,16 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypat
         cli.main(["leaderboard", "rotate"])
 
 
+def serving_argv(command: str, runs: Path) -> list[str]:
+    """A command that serves a page, with its stores under ``runs`` (nothing made there if it is refused)."""
+    return {
+        "server": ["server", "--backend-store-uri", f"sqlite:///{runs}/m.db"],
+        "dashboard": ["dashboard", "--runs", str(runs)],
+        "ui": ["ui", "--runs", str(runs)],
+        "prefer": ["prefer", str(REPO / "studies" / "rotate.yaml"), "--models", "tiny", "--runs", str(runs)],
+    }[command]
+
+
 @pytest.mark.parametrize("command", ["server", "dashboard", "prefer"])
 def test_a_busy_port_is_said_before_any_work(command, tmp_path: Path, capsys):
     """A port another process listens on is refused at once, before a store, a model or a candidate."""
@@ -398,19 +408,7 @@ def test_a_busy_port_is_said_before_any_work(command, tmp_path: Path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        argv = {
-            "server": ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db"],
-            "dashboard": ["dashboard", "--runs", str(tmp_path)],
-            "prefer": [
-                "prefer",
-                str(REPO / "studies" / "rotate.yaml"),
-                "--models",
-                "tiny",
-                "--runs",
-                str(tmp_path),
-            ],
-        }[command]
-        assert main([*argv, "--port", str(port)]) == 2
+        assert main([*serving_argv(command, tmp_path), "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == (
         f"error: --port={port}: is in use on 127.0.0.1 (Address already in use): stop what serves there, or "
@@ -423,20 +421,7 @@ def test_a_busy_port_is_said_before_any_work(command, tmp_path: Path, capsys):
 def test_serving_beyond_loopback_is_refused_unless_exposed(command, tmp_path: Path, capsys):
     """Nothing is served beyond this machine by accident: a --host that is not loopback needs --expose, and
     with it a warning says there is no authentication and how to add it."""
-    argv = {
-        "server": ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/m.db"],
-        "dashboard": ["dashboard", "--runs", str(tmp_path)],
-        "ui": ["ui", "--runs", str(tmp_path)],
-        "prefer": [
-            "prefer",
-            str(REPO / "studies" / "rotate.yaml"),
-            "--models",
-            "tiny",
-            "--runs",
-            str(tmp_path),
-        ],
-    }[command]
-    assert main([*argv, "--host", "0.0.0.0"]) == 2
+    assert main([*serving_argv(command, tmp_path), "--host", "0.0.0.0"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --host='0.0.0.0': would serve beyond this machine with no authentication: add --expose if "
         "that is meant (default 127.0.0.1, this machine only)"
