@@ -247,13 +247,7 @@ def add_ui_parser(commands: Commands) -> None:
     )
     _study_page_arguments(ui)
     _add_runs_arguments(ui)
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    ui.add_argument(
-        "--expose",
-        action="store_true",
-        help="allow a --host beyond this machine (no authentication: see the README)",
-    )
-    ui.add_argument("--port", type=int, default=5000)
+    _address_arguments(ui, 5000)
 
 
 def add_dashboard_parser(commands: Commands) -> None:
@@ -318,21 +312,27 @@ def add_server_parser(commands: Commands) -> None:
         help="where the server keeps artifacts: a folder (an NFS mount for a cluster), s3://bucket/path "
         "(with AWS_* / MLFLOW_S3_ENDPOINT_URL for MinIO)... (default runs/server-artifacts)",
     )
-    server.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (0.0.0.0 for a cluster, with --expose)"
-    )
-    server.add_argument(
-        "--expose",
-        action="store_true",
-        help="allow a --host beyond this machine (no authentication: see the README)",
-    )
-    server.add_argument("--port", type=int, default=5000)
+    _address_arguments(server, 5000, host_help="address to bind (0.0.0.0 for a cluster, with --expose)")
     server.add_argument(
         "--allowed-hosts",
         default=None,
         help="Host headers the server accepts, comma-separated (MLflow's; needed when workers reach it "
         "by a cluster name, e.g. mlflow.cluster.local:5000)",
     )
+
+
+def _address_arguments(
+    parser: argparse.ArgumentParser, port: int, *, host_help: str = "address to bind (default 127.0.0.1)"
+) -> None:
+    """Where a command serves its page (``ui``, ``server``, ``dashboard``, ``prefer``): loopback unless
+    ``--expose`` (:func:`~sounding_anagrams.commands.common.check_port`)."""
+    parser.add_argument("--host", default="127.0.0.1", help=host_help)
+    parser.add_argument(
+        "--expose",
+        action="store_true",
+        help="allow a --host beyond this machine (no authentication: see the README)",
+    )
+    parser.add_argument("--port", type=int, default=port)
 
 
 def _stored_study_arguments(parser: argparse.ArgumentParser) -> None:
@@ -356,13 +356,7 @@ def dashboard_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the media's store: a folder or s3://bucket (default: the study's, or <runs>/optuna-artifacts)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--expose",
-        action="store_true",
-        help="allow a --host beyond this machine (no authentication: see the README)",
-    )
-    parser.add_argument("--port", type=int, default=8080)
+    _address_arguments(parser, 8080)
 
 
 def _runs_and_storage(parser: argparse.ArgumentParser) -> None:
