@@ -417,16 +417,18 @@ def test_export_prefer_writes_every_candidate_no_click_put_below_another_and_say
 # -- Ctrl-C and SIGTERM: one stop path, nothing left RUNNING ----------------------------------------------
 
 
-def start_prefer(runs: Path, log: Path) -> subprocess.Popen:
+def start_prefer(runs: Path, log: Path, spawned: list[subprocess.Popen]) -> subprocess.Popen:
     """`prefer` without its dashboard (as on a GPU machine, the dashboard served elsewhere): 2 candidates at a
-    time, 3 in all."""
+    time, 3 in all; in ``spawned``, so that it is killed if the test fails before it ends."""
     command = [sys.executable, "-m", "sounding_anagrams.cli", "prefer", str(REPO / "studies" / "rotate.yaml")]
     command += ["--models", "tiny", "--runs", str(runs), "--candidates", "2", "--trials", "3"]
     command += ["--no-dashboard", "--quiet"]
     with log.open("w") as err:
-        return subprocess.Popen(
+        process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )
+    spawned.append(process)
+    return process
 
 
 def asked_not_shown(storage: str) -> list[int]:
@@ -465,8 +467,7 @@ def test_sigterm_while_candidates_render_fails_them_and_leaves_nothing_running(
     runs = tmp_path / "runs"
     storage = f"sqlite:///{runs / 'optuna.db'}"
     log = tmp_path / "prefer.err"
-    process = start_prefer(runs, log)
-    spawned.append(process)  # killed if the test fails before it ends
+    process = start_prefer(runs, log, spawned)
     in_flight = signal_while_asked(process, storage, signal.SIGTERM)
     assert process.wait(timeout=300) == 130  # the exit code of an interrupted command
     err = log.read_text()
@@ -497,8 +498,7 @@ def test_ctrl_c_while_the_person_chooses_keeps_the_shown_candidates_logged_and_e
     runs = tmp_path / "runs"
     storage = f"sqlite:///{runs / 'optuna.db'}"
     log = tmp_path / "prefer.err"
-    process = start_prefer(runs, log)
-    spawned.append(process)  # killed if the test fails before it ends
+    process = start_prefer(runs, log, spawned)
     shown_candidates(storage, 2)  # both shown: it waits for a choice in a dashboard elsewhere
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=300) == 130
