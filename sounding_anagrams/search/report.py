@@ -69,8 +69,9 @@ def trial_location(
     inside = f" (seed-{seed_index}/)" if seed_index is not None else ""
     if run_id and uri and is_server(uri) and study.user_attrs.get("mlflow_experiment_id"):
         return run_link(uri, study.user_attrs["mlflow_experiment_id"], run_id) + inside
-    if trial_record(trial, "artifact_uri"):
-        return str(trial_record(trial, "artifact_uri")) + inside
+    artifact_uri = trial_record(trial, "artifact_uri")
+    if artifact_uri:
+        return str(artifact_uri) + inside
     return str(local or "-")
 
 
