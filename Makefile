@@ -56,8 +56,9 @@ CHROMIUM ?= /usr/bin/chromium
 
 browser: $(CHROMIUM)
 
+# Waits for another apt-get (a second checkout installing at the same time) rather than failing.
 $(CHROMIUM):
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+	apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends chromium
 
 test: install-dev browser
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest $(PYTEST_ARGS)

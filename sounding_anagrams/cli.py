@@ -33,6 +33,7 @@ from sounding_anagrams.errors import (
     SoundingAnagramsError,
     StoreError,
     database_cause,
+    debugging,
     is_disk_full,
     one_line,
 )
@@ -397,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.debug:  # (read by every part through errors.debugging, worker processes too)
+        os.environ["SOUNDING_ANAGRAMS_DEBUG"] = "1"
     try:
         if args.command == "render":
             return run_render(args)
@@ -454,12 +457,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return DiskFullError.exit_code
         if isinstance(error, OSError):
-            print(f"error: {error}", file=sys.stderr)
+            where = f" {error.filename}" if error.filename else ""
+            print(
+                f"error: could not use{where}: {error.strerror or error}; check the place's permissions and "
+                "disk, or choose another place",
+                file=sys.stderr,
+            )
             return 1
         if database_cause(error) is not None:
             print(f"error: a store of the search failed: {one_line(error)}", file=sys.stderr)
             return StoreError.exit_code
-        if args.debug or os.environ.get("SOUNDING_ANAGRAMS_DEBUG", "") not in ("", "0"):
+        if debugging():
             raise  # its traceback, for a report
         print(
             f"error: an unexpected error ({type(error).__name__}: {one_line(error)}): a bug of "

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import difflib
 import errno
+import os
 from collections.abc import Iterable
 from typing import Any
+
+
+def debugging() -> bool:
+    """Whether the person asked for tracebacks (``--debug``, which sets ``SOUNDING_ANAGRAMS_DEBUG=1``)."""
+    return os.environ.get("SOUNDING_ANAGRAMS_DEBUG", "") not in ("", "0")
 
 
 class SoundingAnagramsError(Exception):
@@ -97,6 +103,35 @@ def is_disk_full(error: BaseException) -> bool:
     return cause is not None and any(
         words in str(cause) for words in ("disk is full", "No space left", "could not extend file")
     )
+
+
+# What a database driver says when the server went away or cannot be reached (psycopg, and sqlite's own).
+CONNECTION_LOST_WORDS = (
+    "connection refused",
+    "server closed the connection",
+    "connection failed",
+    "could not connect",
+    "terminating connection",
+    "connection is closed",
+    "connection timed out",
+    "ssl syscall error",
+    "consuming input failed",
+    "unable to open database file",
+)
+
+
+def is_connection_lost(error: BaseException) -> bool:
+    """The database behind ``error`` went away or cannot be reached (as opposed to refusing a statement)."""
+    cause = database_cause(error)
+    return cause is not None and any(words in str(cause).lower() for words in CONNECTION_LOST_WORDS)
+
+
+def raise_if_connection_lost(error: BaseException) -> None:
+    """Raise ``error`` again when its database went away. A best-effort step (an upload, a page) warns about
+    its own failures and goes on; a storage that stopped answering stops the search instead, which says so
+    once."""
+    if is_connection_lost(error):
+        raise error
 
 
 def one_line(error: BaseException) -> str:

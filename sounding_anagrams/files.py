@@ -24,6 +24,8 @@ from filelock import FileLock
 from sounding_anagrams.errors import ConfigError
 
 CLIP_FILE = "transition.mp4"  # a render's clip: its views turning while its sound plays
+MLFLOW_FILE = "mlflow.db"  # the default MLflow store, in the runs folder
+MLFLOW_ARTIFACTS = "mlartifacts"  # that store's artifacts, in the runs folder
 # Limits of a config or study file (they are a few kilobytes): a hostile file is refused in bounded time and
 # memory, before anything is built from it.
 MAX_YAML_BYTES = 1 << 20
@@ -145,6 +147,22 @@ def writable_folder(path: Path, field: str) -> Path:
             "disk",
         ) from None
     return path
+
+
+def check_writable(path: Path, field: str, advice: str = "give another folder") -> None:
+    """Refuse a folder that could not be written (no permission, a read-only disk) before any work, without
+    making or writing anything: ``path`` itself if it exists, else the nearest folder above it."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ConfigError(field, str(path), f"{existing} is a file, not a folder: give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            field,
+            str(path),
+            f"{existing} cannot be written (read-only, or no permission): give another folder",
+        )
 
 
 def machine_lock(path: Path, scope: str = "") -> FileLock:

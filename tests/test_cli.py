@@ -389,6 +389,25 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypat
         cli.main(["leaderboard", "rotate"])
 
 
+def test_a_file_or_folder_that_fails_in_use_is_one_sentence_naming_it(monkeypatch, capsys):
+    """A file system error no check foresaw (played by a command that raises it) names the place, the reason
+    and what to do, exit code 1."""
+    import errno
+
+    import sounding_anagrams.cli as cli
+
+    def read_only_disk(args):
+        raise OSError(errno.EROFS, "Read-only file system", "/archive/runs/renders/x/.gallery.html.tmp")
+
+    monkeypatch.setattr(cli, "run_gallery", read_only_disk)
+    assert cli.main(["gallery", "rotate"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: could not use /archive/runs/renders/x/.gallery.html.tmp: Read-only file system; check the "
+        "place's permissions and disk, or choose another place\n"
+    )
+
+
 def serving_argv(command: str, runs: Path) -> list[str]:
     """A command that serves a page, with its stores under ``runs`` (nothing made there if it is refused)."""
     return {

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from sounding_anagrams.search.report import confirmed_records, confirmed_winner
 from sounding_anagrams.search.stores import open_storage, trial_record
 from sounding_anagrams.search.workers import is_cut_short
 from tests.processes import free_port, kill_mid_trial, light_rotate, served
-from tests.servers import postgres_url
+from tests.servers import fresh_databases
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET = 6  # knob sets; the tiny rotate study renders 2 seeds of each
@@ -42,26 +41,6 @@ BUDGET = 6  # knob sets; the tiny rotate study renders 2 seeds of each
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "sounding_anagrams.cli", *args]
-
-
-@contextlib.contextmanager
-def fresh_databases(*names: str) -> Iterator[list[str]]:
-    """URLs of databases of their own on the PostgreSQL server, not created yet (skip without a server,
-    except under CI); dropped after."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    base = make_url(postgres_url()).set(drivername="postgresql+psycopg")
-    engine = create_engine(base, isolation_level="AUTOCOMMIT")
-    suffix = uuid.uuid4().hex[:10]
-    databases = [f"sa_{name}_{suffix}" for name in names]  # made by the server and the first worker
-    try:
-        yield [base.set(database=d).render_as_string(hide_password=False) for d in databases]
-    finally:
-        with engine.connect() as connection:
-            for database in databases:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
-        engine.dispose()
 
 
 @contextlib.contextmanager

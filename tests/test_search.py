@@ -27,9 +27,10 @@ from sounding_anagrams.errors import ConfigError, DiskFullError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.numbers import readable, signed
 from sounding_anagrams.sampler.pipeline import JointSampler
+from sounding_anagrams.search.locations import seed_folders
 from sounding_anagrams.search.loop import SearchRunner
 from sounding_anagrams.search.opening import SearchSettings
-from sounding_anagrams.search.report import seed_folders, seed_spread, single_renders
+from sounding_anagrams.search.report import seed_spread, single_renders
 from sounding_anagrams.search.seeds import seed_bank, trial_seeds
 from sounding_anagrams.search.stores import trial_record
 from sounding_anagrams.search.study import load_study, parse_study

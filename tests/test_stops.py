@@ -17,11 +17,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from sounding_anagrams.errors import StoreError
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.search.stopping import StopReason
 from sounding_anagrams.search.stores import open_storage, trial_id_of
 from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
+from tests.servers import CuttableProxy, fresh_databases
 from tests.test_search import _search_command, _wait_for_a_finished_trial, runner_for
 
 
@@ -100,8 +102,9 @@ def test_a_database_lost_mid_search_stops_it_and_nothing_stays_running(
         return tell(trial_id, state, values)
 
     monkeypatch.setattr(storage, "set_trial_state_values", lost_after_one)
-    with pytest.raises(sqlalchemy.exc.OperationalError, match="server closed the connection"):
+    with pytest.raises(StoreError, match=r"stopped answering \(server closed the connection\); every trial"):
         runner.run()
+    assert runner.left_running  # could not be told: the storage keeps them RUNNING, for the next start
     parents, trials = parent_and_trials(tmp_path, "unit")
     assert [p.info.status for p in parents] == ["FAILED"]
     assert trials and all(r.info.status != "RUNNING" for r in trials)
@@ -244,3 +247,58 @@ def test_a_second_ctrl_c_abandons_the_drain_in_one_line_and_leaves_nothing_runni
     assert rerun.returncode == 0, rerun.stderr
     _, trials = parent_and_trials(tmp_path, "rotate-tiny")
     assert all(r.info.status != "RUNNING" and r.data.tags.get("pending") != "true" for r in trials)
+
+
+def told_trials(storage: str) -> int:
+    """Trials told in the Optuna database at ``storage``, read without Optuna (which would create its tables
+    beside the search creating them)."""
+    engine = sqlalchemy.create_engine(storage)
+    try:
+        with engine.connect() as connection:
+            told = "SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED', 'FAIL')"
+            return int(connection.execute(sqlalchemy.text(told)).scalar_one())
+    except sqlalchemy.exc.SQLAlchemyError:  # not made yet: the database or its tables
+        return 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_postgresql_lost_under_a_running_search_ends_in_one_sentence_and_keeps_the_told_trials(
+    tmp_path: Path, spawned: list[subprocess.Popen]
+):
+    """The connection to the PostgreSQL storage is cut while a search runs (every connection reset, new ones
+    refused): the search stops with one sentence naming the storage and what to do, exit 1, no traceback
+    from any thread; the trials told before the cut are kept."""
+    import time
+
+    from sqlalchemy.engine import make_url
+
+    with fresh_databases("cut") as (direct,):
+        server = make_url(direct)
+        proxy = CuttableProxy((server.host or "127.0.0.1", server.port or 5432))
+        through = server.set(port=proxy.port).render_as_string(hide_password=False)
+        process = subprocess.Popen(
+            [*_search_command(tmp_path, 40), "--storage", through],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        spawned.append(process)
+        stderr = Stderr(process)
+        deadline = time.monotonic() + 300
+        while not told_trials(direct):
+            assert process.poll() is None, stderr.text()
+            assert time.monotonic() < deadline, "no trial finished in 300 s"
+            time.sleep(0.5)
+        before = len(stderr.lines)
+        proxy.cut()
+        assert process.wait(timeout=300) == 1, stderr.text()
+        err = stderr.text()
+        said = [line for line in stderr.lines[before:] if line.strip()]
+        assert "Traceback" not in err and len(said) == 1, err
+        shown = make_url(through).render_as_string(hide_password=True)
+        assert said[0].startswith(f"error: the Optuna storage {shown} stopped answering ("), err
+        assert said[0].rstrip().endswith("run the same command to resume once it answers again"), err
+        assert told_trials(direct) >= 1  # what was told before the cut is kept

@@ -135,3 +135,33 @@ def test_a_read_only_command_on_a_missing_sqlite_file_says_so_and_makes_nothing(
         "the --storage it used"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+STORAGE_ERROR_SCRIPT = """
+import sqlite3, sys
+import optuna
+from sounding_anagrams.search.stores import open_storage
+url = sys.argv[1]
+storage = open_storage(url)
+study = optuna.create_study(storage=storage, study_name="broken")
+trial = study.ask()
+sqlite3.connect(url.removeprefix("sqlite:///")).execute("DROP TABLE trial_user_attributes")
+try:
+    study.get_trials()
+except Exception as error:
+    print(f"raised: {type(error).__name__}", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("debug", ["0", "1"])
+def test_optuna_logs_a_storage_error_it_raises_only_under_debug(debug: str, tmp_path: Path):
+    """Optuna logs a storage error with its SQL before raising it: the command says the raised error once;
+    ``--debug`` (SOUNDING_ANAGRAMS_DEBUG=1) keeps Optuna's log too."""
+    done = subprocess.run(
+        [sys.executable, "-c", STORAGE_ERROR_SCRIPT, f"sqlite:///{tmp_path / 'optuna.db'}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOUNDING_ANAGRAMS_DEBUG": debug},
+    )
+    assert "raised: StorageInternalError" in done.stderr, done.stderr
+    assert ("no such table: trial_user_attributes" in done.stderr) == (debug == "1"), done.stderr

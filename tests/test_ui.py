@@ -7,7 +7,9 @@ Screenshots go to ``$SOUNDING_ANAGRAMS_SCREENSHOTS`` (default: the test's tempor
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from tests.designed_judges import JUDGED_STUDY as STUDY
 from tests.designed_judges import designed_judges
 from tests.processes import free_port, served
 from tests.servers import missing
-from tests.test_search import runner_for
+from tests.test_search import folder_state, runner_for
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 
@@ -201,3 +203,75 @@ def test_make_dashboard_shows_a_trials_pictures_clip_and_sound(finished_search, 
         page.get_by_text("Artifacts", exact=True).first.wait_for(timeout=120_000)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 1500, f"the trial page is {width} px wide in a 1500 px window"
+
+
+def read_only(command: list[str], folder: Path) -> list[str]:
+    """``command`` run with ``folder`` mounted read-only (a private mount namespace: nothing else sees it).
+    Root writes through file modes, so only a read-only mount makes a folder truly read-only here."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        missing(f"no private mount namespace for a read-only folder: {probe.stderr.strip()}")
+    remount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", remount, str(folder), *command]
+
+
+@pytest.mark.slow
+def test_an_archived_runs_folder_is_browsed_and_exported_read_only_and_left_as_it_was(
+    tiny_models, tmp_path: Path
+):
+    """A runs folder moved elsewhere (an archive) and mounted read-only: ``leaderboard`` and ``export`` find
+    its files at their new place, ``ui`` serves its runs with their files, and nothing is written, there or
+    where the folder was."""
+    import requests
+
+    written = tmp_path / "written" / "runs"
+    runner_for({**STUDY, "budget": {"trials": 2}}, tiny_models, designed_judges(), written).run()
+    archive = tmp_path / "archive" / "runs"
+    archive.parent.mkdir()
+    written.rename(archive)
+    before = folder_state(archive)
+    cli = [sys.executable, "-m", "sounding_anagrams.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    board = subprocess.run(
+        read_only([*cli, "leaderboard", "unit", "--runs", str(archive), "--format", "json"], archive),
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert board.returncode == 0, board.stderr
+    places = [row["where"] for row in json.loads(board.stdout)["knob_sets"]]
+    assert places and all(Path(p).is_dir() and Path(p).is_relative_to(archive) for p in places), places
+    exported = subprocess.run(
+        read_only([*cli, "export", "unit", "--runs", str(archive), "--out", str(tmp_path / "best")], archive),
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    (config,) = (tmp_path / "best").glob("unit-trial-*.yaml")
+    assert "image_prompts" in config.read_text(encoding="utf-8")
+    # Commands that write beside the archive's files say so before any work.
+    for command, field in ((["export", "unit"], "--out"), (["gallery", "unit"], "--runs")):
+        refused = subprocess.run(
+            read_only([*cli, *command, "--runs", str(archive)], archive),
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            refused.stderr.startswith(f"error: {field}=") and "cannot be written (read-only" in refused.stderr
+        )
+
+    port = free_port()
+    ui = read_only([*cli, "ui", "--runs", str(archive), "--port", str(port)], archive)
+    with served(ui, port, tmp_path / "ui.log") as printed:
+        assert printed.startswith("MLflow UI, study unit: http://127.0.0.1:"), printed
+        api = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow"
+        runs = requests.post(
+            f"{api}/runs/search", json={"experiment_ids": [printed.split("/experiments/")[1].split("/")[0]]}
+        ).json()["runs"]
+        trial_run = next(r for r in runs if any(t["key"] == "trial" for t in r["data"].get("tags", [])))
+        listed = requests.get(
+            f"{api}/artifacts/list", params={"run_id": trial_run["info"]["run_id"], "path": "seed-0"}
+        ).json()
+        assert "view0.png" in {Path(f["path"]).name for f in listed.get("files", [])}, listed
+    assert folder_state(archive) == before  # nothing written in the archive
+    assert not written.exists()  # nor where it was (no empty store made there)

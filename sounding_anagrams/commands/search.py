@@ -9,6 +9,7 @@ from typing import Any
 
 from sounding_anagrams.commands.common import checked_search, quiet_libraries, study_name_of
 from sounding_anagrams.errors import ConfigError
+from sounding_anagrams.files import check_writable
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -171,6 +172,7 @@ def run_leaderboard(args: argparse.Namespace) -> int:
             study,
             top=args.top,
             tracking_uri=args.tracking_uri,
+            runs_dir=args.runs,
             format=args.format,
             width=terminal_width(),
             wide=args.wide,
@@ -195,7 +197,8 @@ def run_gallery(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise ConfigError("--top", args.top, "must be at least 1 (the number of knob sets shown)")
     study = _open_study(args)
-    from sounding_anagrams.search.gallery import study_render_root, write_gallery
+    from sounding_anagrams.search.gallery import write_gallery
+    from sounding_anagrams.search.locations import study_render_root
 
     root = study_render_root(study, args.runs)
     if root is None:
@@ -205,6 +208,8 @@ def run_gallery(args: argparse.Namespace) -> int:
             f"holds no render folder of study {study.study_name} (were its trials rendered on another "
             "machine? give the --runs they wrote to)",
         )
+    # (an archive mounted read-only: said before anything is drawn)
+    check_writable(root, "--runs", "the gallery is written beside the renders: use a copy you can write")
     print(f"gallery of study {study.study_name}: {write_gallery(study, root, top=args.top)}")
     return 0
 
@@ -216,13 +221,16 @@ def run_export(args: argparse.Namespace) -> int:
     from sounding_anagrams.search.stores import default_storage, open_storage
 
     out = args.out or args.runs / "exports"
+    check_writable(out, "--out")
     storage = open_storage(args.storage or default_storage(args.runs), heartbeat=False)
     if is_preferential(storage, study.study_name):  # `prefer`'s study: the candidates the person preferred
         written, left_out = export_preferred(study, storage, out)
         for line in left_out:  # every candidate not exported, and why
             print(line, file=sys.stderr)
     else:
-        written = export_best(study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri)
+        written = export_best(
+            study, out, cache=args.runs / "downloads", tracking_uri=args.tracking_uri, runs_dir=args.runs
+        )
     for path in written:
         print(f"{path}    (sounding-anagrams render --config {path})")
     return 0

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 
 from sounding_anagrams.commands.common import check_port, checked_search, study_name_of
 from sounding_anagrams.errors import ConfigError, shown_url
+from sounding_anagrams.files import MLFLOW_ARTIFACTS, MLFLOW_FILE
 from sounding_anagrams.search.stopping import EXIT_INTERRUPTED
 from sounding_anagrams.search.workers import is_cut_short
 
@@ -284,7 +286,7 @@ def run_ui(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:  # this process will serve the UI: its address is checked before anything else
         check_port(args.host, args.port, expose=args.expose)
-    store = args.runs.resolve() / "mlflow.db"
+    store = args.runs.resolve() / MLFLOW_FILE
     if not uri:
         if not store.is_file():
             raise ConfigError(
@@ -293,7 +295,7 @@ def run_ui(args: argparse.Namespace) -> int:
         uri = f"sqlite:///{store}"
     from mlflow.tracking import MlflowClient
 
-    from sounding_anagrams.search.tracking import is_server, leaderboard_url
+    from sounding_anagrams.search.tracking import is_server, leaderboard_url, relocated_store
 
     client = MlflowClient(tracking_uri=uri)
     studies = {e.name: e.experiment_id for e in client.search_experiments() if e.name != "Default"}
@@ -320,21 +322,32 @@ def run_ui(args: argparse.Namespace) -> int:
     page = leaderboard_url(ui, studies[name])
     print(f"MLflow UI, study {name}: {page}\n  (store {uri}; Ctrl-C stops it)", flush=True)
     print_gallery(args.runs, name, args.storage, gallery_page(client, ui, studies[name]))
-    return supervise(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            uri,
-            "--default-artifact-root",
-            str(args.runs.resolve() / "mlartifacts"),
-            "--host",
-            args.host,
-            "--port",
-            str(args.port),
-            "--workers",
-            "1",  # one person browsing: starts in seconds, not four processes
-        ],
-    )
+    with tempfile.TemporaryDirectory(prefix="sounding-anagrams-ui-") as scratch:
+        served = uri
+        if uri == f"sqlite:///{store}":
+            copy = relocated_store(store, args.runs, Path(scratch))
+            if copy is not None:
+                print(
+                    f"  ({args.runs} was moved or copied here: a copy of its store that finds the runs' "
+                    "files here is served; the folder itself is not written)",
+                    flush=True,
+                )
+                served = f"sqlite:///{copy}"
+        return supervise(
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                served,
+                "--default-artifact-root",
+                str(args.runs.resolve() / MLFLOW_ARTIFACTS),
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--workers",
+                "1",  # one person browsing: starts in seconds, not four processes
+            ],
+        )

@@ -9,8 +9,8 @@ The search's MLflow run carries the page too (``study/gallery.html``): there eve
 (``data-run``) and :data:`~sounding_anagrams.search.tracking.ARTIFACT_SCRIPT` fetches the row's media from it.
 
 Written by the publisher after each batch (``search-publish`` thread, low priority: off the sampler's path)
-and once more when the search ends (:func:`publish_gallery`, which never fails a search); ``sounding-anagrams
-gallery STUDY`` writes it from the stored study (:func:`write_gallery`).
+and once more when the search ends (:func:`publish_gallery`, which fails a search only on a lost storage);
+``sounding-anagrams gallery STUDY`` writes it from the stored study (:func:`write_gallery`).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import optuna
 import yaml
 from optuna.trial import FrozenTrial
 
-from sounding_anagrams.errors import one_line
+from sounding_anagrams.errors import one_line, raise_if_connection_lost
 from sounding_anagrams.files import CLIP_FILE, write_text_atomic
 from sounding_anagrams.numbers import readable
+from sounding_anagrams.search.locations import found_here, seed_folders, study_render_root
 from sounding_anagrams.search.report import (
     CONFIRMATIONS_ATTR,
     SHOWN_SCORES,
     load_study_from_storage,
     ranked_trials,
-    seed_folders,
     seed_spread,
 )
 from sounding_anagrams.search.stores import default_storage, trial_record
@@ -104,14 +104,18 @@ def read_config(folder: Path) -> dict[str, Any]:
     return dict(loaded) if isinstance(loaded, Mapping) else {}
 
 
-def gallery_rows(study: optuna.Study, top: int = GALLERY_TOP) -> list[GalleryRow]:
-    """The study's ``top`` knob sets in the leaderboard's order (pruned and failed trials are not ranked)."""
+def gallery_rows(
+    study: optuna.Study, top: int = GALLERY_TOP, *, render_root: Path | None = None
+) -> list[GalleryRow]:
+    """The study's ``top`` knob sets in the leaderboard's order (pruned and failed trials are not ranked);
+    their folders are looked for under ``render_root`` too (a moved runs folder)."""
     rows = []
     for ranked in ranked_trials(study)[:top]:
         attrs = ranked.trial.user_attrs
         best = int(attrs.get("best_seed", 0))
         folders = seed_folders(ranked.trial) or [attrs.get("render_folder", "")]
-        folder = Path(str(folders[best] if best < len(folders) else folders[0]))
+        recorded = str(folders[best] if best < len(folders) else folders[0])
+        folder = found_here(recorded, render_root) or Path(recorded)
         rows.append(GalleryRow(ranked.rank, ranked.trial, ranked.pareto, best, folder, read_config(folder)))
     return rows
 
@@ -383,39 +387,28 @@ def write_gallery(study: optuna.Study, root: Path, *, top: int = GALLERY_TOP) ->
     path."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / GALLERY_FILE
-    write_text_atomic(path, gallery_html(study, gallery_rows(study, top), root.resolve()))
+    rows = gallery_rows(study, top, render_root=root)
+    write_text_atomic(path, gallery_html(study, rows, root.resolve()))
     return path
 
 
 def publish_gallery(opened: OpenedSearch) -> Path | None:
-    """Rewrite the search's gallery and log it on its MLflow run (``study/gallery.html``). Never raises: the
-    gallery is a view of what Optuna and MLflow keep, and a search is never lost over it (a warning says
-    why). Returns the page's path (None: not written)."""
+    """Rewrite the search's gallery and log it on its MLflow run (``study/gallery.html``). The gallery is a
+    view of what Optuna and MLflow keep, and a search is never lost over it: a failure is a warning, except an
+    Optuna storage that stopped answering, which is raised (the search stops on it). Returns the page's path
+    (None: not written)."""
     try:
         path = write_gallery(opened.optuna_study, opened.render_root)
-        if opened.tracker.parent_run_id is not None:
-            opened.tracker.client.log_artifact(opened.tracker.parent_run_id, str(path), ARTIFACT_FOLDER)
-        return path
     except Exception as error:
+        raise_if_connection_lost(error)
         logger.warning("could not write the study gallery: %s", one_line(error))
         return None
-
-
-def study_render_root(study: optuna.Study, runs_dir: Path) -> Path | None:
-    """The study's render root on this machine: the folder its trial folders are in, or the folder under
-    ``<runs>/renders`` whose ``.study`` file names the study (see ``opening.claim_render_root``). None when
-    neither is here (the trials were rendered on other machines)."""
-    uid = str(study.user_attrs.get("uid") or "")
-    recorded = [
-        Path(str(t.user_attrs["trial_folder"])).parent
-        for t in study.get_trials(deepcopy=False)
-        if "trial_folder" in t.user_attrs
-    ][:1]
-    for root in [*recorded, *sorted(p.parent for p in (runs_dir / "renders").glob("*/.study"))]:
-        marker = root / ".study"
-        if uid and marker.is_file() and marker.read_text(encoding="utf-8").strip() == uid:
-            return root
-    return None
+    if opened.tracker.parent_run_id is not None:
+        try:
+            opened.tracker.client.log_artifact(opened.tracker.parent_run_id, str(path), ARTIFACT_FOLDER)
+        except Exception as error:
+            logger.warning("could not log the study gallery on the search's MLflow run: %s", one_line(error))
+    return path
 
 
 def find_gallery(runs_dir: Path, name: str, storage: str | None = None) -> Path | None:

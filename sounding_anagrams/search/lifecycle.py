@@ -34,6 +34,7 @@ from sounding_anagrams.search.trials import FINISHED, TrialOutcome, outcome_of
 from sounding_anagrams.search.workers import ORPHANED, WORKER_DIED, worker_is_dead
 
 logger = logging.getLogger(__name__)
+MISSED_BEATS_SAID = 3  # heartbeats missed in a row before a warning (the grace period is 10 beats)
 
 
 def retry_dead_workers_trial(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -82,11 +83,17 @@ class Heartbeats:
             self.storage.record_heartbeat(trial_id)
 
     def _beat(self) -> None:
+        missed = 0
         while not self._stop.wait(self.seconds):
             try:
                 self.beat_now()
-            except Exception as error:  # the store is busy or gone: the next beat, or the search, says so
-                logger.warning("heartbeat not recorded: %s", one_line(error))
+                missed = 0
+            except Exception as error:  # the store is busy or gone: the search's own next call says which
+                missed += 1
+                # One missed beat is a blip; several in a row and other workers will soon take this worker
+                # for dead (GRACE_SECONDS), which the person running it should hear about.
+                log = logger.warning if missed == MISSED_BEATS_SAID else logger.debug
+                log("%d heartbeat(s) in a row not recorded: %s", missed, one_line(error))
 
 
 class DeadWorkers:

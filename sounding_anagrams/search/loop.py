@@ -32,7 +32,15 @@ from typing import TypeVar
 import optuna
 from tqdm.auto import tqdm
 
-from sounding_anagrams.errors import DiskFullError, SoundingAnagramsError, is_disk_full, one_line, shown_url
+from sounding_anagrams.errors import (
+    DiskFullError,
+    SoundingAnagramsError,
+    StoreError,
+    is_connection_lost,
+    is_disk_full,
+    one_line,
+    shown_url,
+)
 from sounding_anagrams.evaluation.evaluate import Scorers
 from sounding_anagrams.sampler.models import ModelBundle
 from sounding_anagrams.search.asking import Asker, counted_trials
@@ -112,6 +120,7 @@ class SearchRunner:
         )
         self.study_pictures: Future[tuple[list[Path], dict[str, float]]] | None = None
         self.confirmations: list[Confirmation] = []
+        self.left_running: list[int] = []  # trials in flight when a lost storage stopped the search
 
     @classmethod
     def open(
@@ -199,9 +208,7 @@ class SearchRunner:
         except (SearchStopped, KeyboardInterrupt) as stopped:
             reason, error = StopReason.INTERRUPTED, stopped
         except BaseException as caught:
-            full = isinstance(caught, DiskFullError) or is_disk_full(caught)
-            reason = StopReason.DISK_FULL if full else StopReason.ERROR
-            error = caught
+            reason, error = stop_reason_of(caught), caught
         finally:
             self.bar.close()
         # 5. The one stop path, whatever ended the run.
@@ -291,9 +298,11 @@ class SearchRunner:
            unless the stop is an error or a second interrupt, which abandons them;
         3. close the stages (threads joined), stop the heartbeats;
         4. fail the trials nobody will judge, as interrupted or cut short by the full disk (the one place);
+           a storage that stopped answering cannot be told: they stay RUNNING there, for the next start;
         5. end every MLflow trial run left open (KILLED), then the parent run with the study pictures.
         """
         interrupted = reason is StopReason.INTERRUPTED
+        storage_answers = reason is not StopReason.STORE_LOST
         self.stop_asking.set()
         if interrupted:
             print(
@@ -302,7 +311,7 @@ class SearchRunner:
                 "told (Ctrl-C again abandons them)",
                 file=sys.stderr,
             )
-        if reason is StopReason.ERROR:
+        if reason in (StopReason.ERROR, StopReason.STORE_LOST):
             self.abandoned.set()
         else:
             self.wait_for_stages(give_up=self.stop_request.abandon, quiet=True)
@@ -317,14 +326,19 @@ class SearchRunner:
         ):
             closing()
         cut_short = f"{DISK_FULL}: the search stopped before this trial was judged"
-        failed = self.teller.fail_untold(cut_short if reason is StopReason.DISK_FULL else INTERRUPTED)
+        self.left_running = [trial.number for trial in self.ledger.untold()]
+        failed = (
+            self.teller.fail_untold(cut_short if reason is StopReason.DISK_FULL else INTERRUPTED)
+            if storage_answers
+            else []
+        )
         if not self.abandoned.is_set():
             for trial, outcome in failed:
                 self.publisher.log_trial(trial.number, outcome, config=trial.params)
         killed = self.closing_step("end the open MLflow runs", lambda: self.tracker.end_open_runs("KILLED"))
         if interrupted and not self.abandoned.is_set():
             print("drained: every told trial has its files and MLflow run", file=sys.stderr)
-        elif failed or killed:
+        elif (failed or killed) and storage_answers:  # (a lost storage: the error says it all)
             how = f"abandoned on a second {self.stop_request.signal_name}" if interrupted else "stopped"
             print(
                 f"{how}: trial(s) {[t.number for t, _ in failed]} failed as cut short; "
@@ -333,7 +347,8 @@ class SearchRunner:
             )
         self.closing_step("end the search's MLflow run", lambda: self.finish_parent_run(reason))
         # A rerun that completes the budget leaves nothing of the dead alive.
-        self.closing_step("fail dead workers' trials", self.dead_workers.fail_stale_trials)
+        if storage_answers:
+            self.closing_step("fail dead workers' trials", self.dead_workers.fail_stale_trials)
 
     @staticmethod
     def closing_step(what: str, step: Callable[[], T]) -> T | None:
@@ -427,7 +442,10 @@ class SearchRunner:
                     self.tracker.log_leaderboard(board.knob_sets)
             except Exception as error:  # the table is a copy of what `leaderboard` prints
                 logger.warning("could not log the leaderboard table: %s", one_line(error))
-            publish_gallery(self.opened)  # after the confirmation stage: its held-out means too
+            try:
+                publish_gallery(self.opened)  # after the confirmation stage: its held-out means too
+            except Exception as error:  # the storage was lost at the very end: the run still ends
+                logger.warning("could not write the study gallery: %s", one_line(error))
         self.tracker.end_parent(reason.status)
 
     def said(self, error: BaseException) -> BaseException:
@@ -441,7 +459,27 @@ class SearchRunner:
                 f"before are kept in {shown_url(self.storage)}: free some space and run the same command to "
                 "resume"
             )
+        if is_connection_lost(error) and not isinstance(error, SoundingAnagramsError):
+            in_flight = (
+                f"; trial(s) {self.left_running} were in flight: the next start fails them"
+                if self.left_running
+                else ""
+            )
+            return StoreError(
+                f"the Optuna storage {shown_url(self.storage)} stopped answering ({one_line(error)}); every "
+                f"trial told before is kept there{in_flight}: run the same command to resume once it answers "
+                "again"
+            )
         return error
+
+
+def stop_reason_of(error: BaseException) -> StopReason:
+    """Why a search stopped on ``error``: a full disk, a lost storage, or another error."""
+    if isinstance(error, DiskFullError) or is_disk_full(error):
+        return StopReason.DISK_FULL
+    if is_connection_lost(error):
+        return StopReason.STORE_LOST
+    return StopReason.ERROR
 
 
 def warm_up_study_pictures() -> None:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from sounding_anagrams.errors import ConfigError, one_line
+from sounding_anagrams.errors import ConfigError, one_line, raise_if_connection_lost
 from sounding_anagrams.files import CLIP_FILE
 
 if TYPE_CHECKING:
@@ -81,7 +81,8 @@ def media_files(folder: Path) -> dict[str, Path]:
 def upload_media(store: ArtifactStore, trial: optuna.Trial, folder: Path) -> dict[str, str]:
     """Upload the media of ``folder`` as artifacts of the running ``trial``; returns name -> artifact id
     (Optuna keeps the ids and file names: ``optuna.artifacts.get_all_artifact_meta``). The dashboard is a
-    view of the files: an upload that fails is logged, and the trial is judged either way."""
+    view of the files: an upload that fails is logged, and the trial is judged either way (unless the Optuna
+    storage stopped answering: that is raised)."""
     from optuna.artifacts import upload_artifact
 
     uploaded: dict[str, str] = {}
@@ -94,6 +95,7 @@ def upload_media(store: ArtifactStore, trial: optuna.Trial, folder: Path) -> dic
                 mimetype=MIMETYPES[path.suffix],
             )
     except Exception as error:
+        raise_if_connection_lost(error)  # (the ids go into the Optuna storage)
         logger.warning(
             "trial %d: its media were not uploaded to the dashboard's store: %s",
             trial.number,

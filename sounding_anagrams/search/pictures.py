@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 
 from sounding_anagrams.errors import SoundingAnagramsError
 from sounding_anagrams.numbers import readable as readable_number
-from sounding_anagrams.search.report import SHOWN_SCORES, ranked_trials, render_files
+from sounding_anagrams.search.locations import render_files
+from sounding_anagrams.search.report import SHOWN_SCORES, ranked_trials
 from sounding_anagrams.search.stores import trial_record
 from sounding_anagrams.search.study import StudyConfig
 from sounding_anagrams.search.tracking import objective_metrics

@@ -2,8 +2,9 @@
 
 Runs on the ``search-publish`` thread at low priority (it only encodes and logs). Contract:
 - takes a judged and told :class:`Batch`; logs each trial into the run the tell opened, and ends it; then
-  rewrites the study gallery (:mod:`sounding_anagrams.search.gallery`), which never raises;
-- on error: logged, and the trial keeps its judged value (its pictures and sounds exist); a run that a stop
+  rewrites the study gallery (:mod:`sounding_anagrams.search.gallery`);
+- on error: logged, and the trial keeps its judged value (its pictures and sounds exist), except an Optuna
+  storage that stopped answering, which is raised: the search stops on it; a run that a stop
   left unfinished is ended KILLED by the stop path and completed at the next start from the files
   (:meth:`sounding_anagrams.search.lifecycle.DeadWorkers.reconcile_told_trials`).
 """
@@ -15,7 +16,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sounding_anagrams.errors import one_line
+from sounding_anagrams.errors import one_line, raise_if_connection_lost
 from sounding_anagrams.search.gallery import publish_gallery
 from sounding_anagrams.search.opening import OpenedSearch
 from sounding_anagrams.search.tracking import objective_metrics
@@ -64,6 +65,11 @@ class Publisher:
         names = opened.study.objective_names
         try:
             frozen = opened.storage.get_trial(opened.trial_id(number))
+        except Exception as error:
+            raise_if_connection_lost(error)  # the search stops on a lost storage, and says so once
+            logger.warning("trial %d was not logged to MLflow: %s", number, one_line(error))
+            return
+        try:
             if "retry_of" in frozen.user_attrs:
                 tags = {**(tags or {}), "retry_of": str(frozen.user_attrs["retry_of"])}
             if frozen.user_attrs.get("raced"):

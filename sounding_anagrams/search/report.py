@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,100 +19,24 @@ from sounding_anagrams.errors import (
     ConfigError,
     SoundingAnagramsError,
     database_reason,
-    one_line,
     shown_url,
     unknown_name_message,
 )
 from sounding_anagrams.evaluation.metrics import summarize
 from sounding_anagrams.numbers import readable, signed
+from sounding_anagrams.search.locations import (
+    render_files,
+    seed_folders,
+    study_render_root,
+    tracking_uri_of,
+    trial_location,
+)
 from sounding_anagrams.search.stores import check_sqlite_file, open_storage, require_database, trial_record
 from sounding_anagrams.search.study import balance_weights
-from sounding_anagrams.search.tracking import is_server, run_link
 
 logger = logging.getLogger(__name__)
 
 
-def tracking_uri_of(study: optuna.Study, given: str | None = None) -> str | None:
-    """The MLflow store the study's trials were logged to: ``given`` (``--tracking-uri``), else
-    ``MLFLOW_TRACKING_URI``, else the one the search recorded on the study."""
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or study.user_attrs.get("tracking_uri")
-
-
-def seed_folders(trial: FrozenTrial) -> list[str]:
-    """A trial's render folders, one per seed rendered: ``<trial_folder>/seed-<k>`` (older studies listed
-    them as ``render_folders``); none for a trial without a folder."""
-    attrs = trial.user_attrs
-    if "render_folders" in attrs:
-        return list(attrs["render_folders"])
-    if "trial_folder" not in attrs:
-        return []
-    rendered = len(trial_record(trial, "seed_values") or attrs.get("seeds", []))
-    return [str(Path(attrs["trial_folder"]) / f"seed-{k}") for k in range(rendered)]
-
-
-def trial_location(
-    study: optuna.Study, trial: FrozenTrial, seed_index: int | None = None, *, tracking_uri: str | None = None
-) -> str:
-    """Where a person finds a trial's (or one seed's) files from this machine: its folder when it is here,
-    else its run's page on the MLflow server, else its artifact URI."""
-    attrs = trial.user_attrs
-    folders = seed_folders(trial)
-    local: str | None
-    if seed_index is not None and seed_index < len(folders):
-        local = folders[seed_index]
-    else:
-        local = attrs.get("trial_folder", attrs.get("render_folder"))
-    if local and Path(local).is_dir():
-        return str(local)
-    run_id, uri = attrs.get("mlflow_run_id"), tracking_uri_of(study, tracking_uri)
-    inside = f" (seed-{seed_index}/)" if seed_index is not None else ""
-    if run_id and uri and is_server(uri) and study.user_attrs.get("mlflow_experiment_id"):
-        return run_link(uri, study.user_attrs["mlflow_experiment_id"], run_id) + inside
-    artifact_uri = trial_record(trial, "artifact_uri")
-    if artifact_uri:
-        return str(artifact_uri) + inside
-    return str(local or "-")
-
-
-def render_files(
-    study: optuna.Study, trial: FrozenTrial, seed_index: int, cache: Path, *, tracking_uri: str | None = None
-) -> Path:
-    """A render folder of a trial on this machine: its own folder if it is here, else downloaded once from
-    the trial's MLflow run (``<cache>/<run id>/seed-<k>``), so any machine can export and re-render it."""
-    attrs = trial.user_attrs
-    folders = seed_folders(trial) or [attrs.get("render_folder", "")]
-    local = Path(str(folders[seed_index])) if seed_index < len(folders) else Path("")
-    if (local / "config.yaml").is_file():
-        return local
-    run_id, uri = attrs.get("mlflow_run_id"), tracking_uri_of(study, tracking_uri)
-    if not run_id or not uri:
-        raise SoundingAnagramsError(
-            f"trial {trial.number}: its render folder {local} is not on this machine and the trial names no "
-            "MLflow run to download it from (a search older than runs on a tracking server?)"
-        )
-    target = cache / str(run_id) / f"seed-{seed_index}"
-    if not (target / "config.yaml").is_file():
-        import mlflow.artifacts
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mlflow.artifacts.download_artifacts(
-                run_id=str(run_id), artifact_path=target.name, dst_path=str(target.parent), tracking_uri=uri
-            )
-        except Exception as error:  # the server's and the store's many kinds; the user needs the where
-            raise SoundingAnagramsError(
-                f"trial {trial.number}: its render folder {local} is not on this machine and downloading "
-                f"{target.name}/ of MLflow run {run_id} from {shown_url(uri)} failed: {one_line(error)}"
-            ) from None
-    if not (target / "config.yaml").is_file():
-        raise SoundingAnagramsError(
-            f"trial {trial.number}: MLflow run {run_id} at {shown_url(uri)} holds no "
-            f"{target.name}/config.yaml"
-        )
-    return target
-
-
-# Score columns of the leaderboard, first these (when present), then the others.
 SHOWN_SCORES = ("clip/alignment", "clip/concealment", "clap/audio0", "clap/alignment", "clap/concealment")
 # The leaderboard's column of each knob set's mean paired difference to the leader (docs/METHOD.md §5).
 VS_LEADER = "vs leader"
@@ -473,8 +396,13 @@ def _plain(frame: pd.DataFrame) -> str:
     )
 
 
-def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None) -> Leaderboard:
-    """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders."""
+def leaderboard(
+    study: optuna.Study, top: int = 10, *, tracking_uri: str | None = None, runs_dir: Path | None = None
+) -> Leaderboard:
+    """The study's :class:`Leaderboard` of its ``top`` knob sets and ``top`` best single renders; ``runs_dir``
+    is where its files are looked for when they are not where they were written (a moved runs folder)."""
+    tracking_uri = tracking_uri_of(study, tracking_uri, runs_dir)
+    render_root = study_render_root(study, runs_dir)
     ranked = ranked_trials(study)[:top]
     any_raced = any(r.trial.user_attrs.get("raced") for r in ranked)
     objectives = study.user_attrs.get("objectives") or [f"objective{i}" for i in range(len(study.directions))]
@@ -523,7 +451,7 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
             row[RACED] = bool(r.trial.user_attrs.get("raced"))
             row[SEEDS_RENDERED] = len(trial_record(r.trial, "seed_values") or [])
         row["origin"] = trial_origin(r.trial)
-        row["where"] = trial_location(study, r.trial, tracking_uri=tracking_uri)
+        row["where"] = trial_location(study, r.trial, tracking_uri=tracking_uri, render_root=render_root)
         rows.append(row)
     renders = [
         {
@@ -532,7 +460,9 @@ def leaderboard(study: optuna.Study, top: int = 10, *, tracking_uri: str | None 
             "seed index": r.seed_index,
             "seed": r.seed,
             **dict(zip(objectives, r.values, strict=False)),
-            "where": trial_location(study, r.trial, r.seed_index, tracking_uri=tracking_uri),
+            "where": trial_location(
+                study, r.trial, r.seed_index, tracking_uri=tracking_uri, render_root=render_root
+            ),
         }
         for i, r in enumerate(single_renders(study)[:top])
     ]
@@ -567,12 +497,14 @@ def leaderboard_text(
     top: int = 10,
     *,
     tracking_uri: str | None = None,
+    runs_dir: Path | None = None,
     format: str = "table",
     width: int = TERMINAL_WIDTH,
     wide: bool = False,
 ) -> str:
     """Knob sets ranked by their aggregate over seeds, with the spread over seeds; then the best renders."""
-    return leaderboard(study, top, tracking_uri=tracking_uri).render(format, width=width, wide=wide)
+    board = leaderboard(study, top, tracking_uri=tracking_uri, runs_dir=runs_dir)
+    return board.render(format, width=width, wide=wide)
 
 
 def trial_origin(trial: FrozenTrial) -> str:
@@ -603,15 +535,23 @@ def searched_knobs(params: dict[str, Any]) -> str:
 
 
 def export_best(
-    study: optuna.Study, out: Path, *, cache: Path | None = None, tracking_uri: str | None = None
+    study: optuna.Study,
+    out: Path,
+    *,
+    cache: Path | None = None,
+    tracking_uri: str | None = None,
+    runs_dir: Path | None = None,
 ) -> list[Path]:
     """Write the best knob set's config (single objective) or the Pareto set's (several) under ``out``.
 
     Each file is the ``config.yaml`` of the knob set's best seed, which ``render --config`` re-renders, with a
     header naming the study, the trial, its aggregate and per-seed values, and how to render more seeds. A
     render made on another machine is downloaded from its MLflow run into ``cache`` (default
-    ``<out>/downloads``), pictures and sounds with it.
+    ``<out>/downloads``), pictures and sounds with it; ``runs_dir`` is where the files are looked for when
+    they are not where they were written (a moved runs folder).
     """
+    tracking_uri = tracking_uri_of(study, tracking_uri, runs_dir)
+    render_root = study_render_root(study, runs_dir)
     ranked = [r for r in ranked_trials(study) if r.pareto]
     if not ranked:
         raise SoundingAnagramsError(f"study {study.study_name} has no completed trial to export yet")
@@ -628,7 +568,9 @@ def export_best(
         attrs = r.trial.user_attrs
         best_seed = int(attrs.get("best_seed", 0))
         downloads = cache or out / "downloads"
-        source = render_files(study, r.trial, best_seed, downloads, tracking_uri=tracking_uri)
+        source = render_files(
+            study, r.trial, best_seed, downloads, tracking_uri=tracking_uri, render_root=render_root
+        )
         source = source / "config.yaml"
         values = ", ".join(
             f"{name} = {readable(value)}" for name, value in zip(objectives, r.trial.values, strict=False)

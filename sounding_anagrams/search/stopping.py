@@ -29,7 +29,8 @@ class StopReason(enum.Enum):
     BUDGET = "budget"  # the budget (trials, minutes, a grid) is spent
     INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM
     DISK_FULL = "disk full"
-    ERROR = "error"  # a store lost, a stage failed
+    STORE_LOST = "store lost"  # the Optuna storage stopped answering: nothing more can be told to it
+    ERROR = "error"  # a stage failed
 
     @property
     def status(self) -> str:

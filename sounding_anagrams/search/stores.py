@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import sys
 import warnings
@@ -13,7 +14,7 @@ from typing import Any
 
 import optuna
 
-from sounding_anagrams.errors import ConfigError, database_reason, shown_url
+from sounding_anagrams.errors import ConfigError, database_reason, debugging, shown_url
 from sounding_anagrams.files import machine_lock
 
 HEARTBEAT_SECONDS = 30
@@ -43,12 +44,19 @@ def storage_url(url: str) -> Any:
         ) from None
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file of a sqlite URL (an Optuna storage or an MLflow store); None for another database."""
+    parsed = storage_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(str(parsed.database))
+
+
 def require_database(url: str) -> None:
     """For a command that only reads a study (``leaderboard``, ``export``, ``gallery``, ``dashboard``): a
     sqlite file that is not there is said, never made (opening it would create an empty database)."""
-    parsed = storage_url(url)
-    local = parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
-    if local and not Path(parsed.database).is_file():
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
         raise ConfigError(
             "--storage",
             shown_url(url),
@@ -62,11 +70,8 @@ def check_sqlite_file(url: str) -> None:
     Opening a damaged file succeeds and so may the first reads; the damage would surface mid-search, after the
     models loaded and with trials in flight. A missing or empty file is fine: the storage creates it.
     """
-    parsed = storage_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return
-    path = Path(parsed.database)
-    if not path.is_file() or path.stat().st_size == 0:
+    path = sqlite_file(url)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
         return
     try:
         with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as connection:
@@ -183,6 +188,23 @@ def trial_id_of(storage: optuna.storages.BaseStorage, study_name: str, number: i
     return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study_name), number)
 
 
+class StorageErrorsSaidOnce(logging.Filter):
+    """Optuna logs a storage error, SQL statement and all, just before it raises it; the command says the
+    raised error once, in one sentence (``--debug`` keeps Optuna's log)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Caught an error from sqlalchemy")
+
+
+def say_storage_errors_once() -> None:
+    """Put :class:`StorageErrorsSaidOnce` on the handlers of Optuna's logger (once), unless debugging."""
+    if debugging():
+        return
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, StorageErrorsSaidOnce) for f in handler.filters):
+            handler.addFilter(StorageErrorsSaidOnce())
+
+
 def open_storage(
     url: str,
     *,
@@ -196,6 +218,7 @@ def open_storage(
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     # Heartbeats are "experimental" in Optuna; so are the stale-trial checks and plots that use them.
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    say_storage_errors_once()
     try:
         with schema_lock(url):
             return optuna.storages.RDBStorage(

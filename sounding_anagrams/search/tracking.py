@@ -9,6 +9,7 @@ place whatever machine it runs on. Telemetry is switched off.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -29,7 +30,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sounding_anagrams.files import machine_lock, write_text_atomic
+from sounding_anagrams.files import MLFLOW_ARTIFACTS, MLFLOW_FILE, machine_lock, write_text_atomic
 from sounding_anagrams.numbers import readable
 from sounding_anagrams.search.workers import worker_is_dead
 
@@ -43,7 +44,7 @@ SHARED_VIEW_TAG, LEADERBOARD_VIEW = "mlflow.sharedViewState.", "leaderboard"
 
 
 def default_tracking_uri(runs_dir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{runs_dir.resolve() / MLFLOW_FILE}"
 
 
 def is_server(uri: str) -> bool:
@@ -110,7 +111,7 @@ class Tracker:
         if found is not None:
             return str(found.experiment_id)
         # On a server, the server's own artifact root, proxied: one home for all workers.
-        local = (runs_dir / "mlartifacts" / experiment).resolve().as_uri()
+        local = (runs_dir / MLFLOW_ARTIFACTS / experiment).resolve().as_uri()
         try:
             return str(
                 self.client.create_experiment(
@@ -201,9 +202,9 @@ class Tracker:
         """The trial folder as the run's artifacts, stored once.
 
         With a local artifact store (the default, ``<runs>/mlartifacts``) the run's artifact folder is a link
-        to the trial folder: MLflow lists and serves the files from their one home, nothing is copied. With a
-        remote store (an MLflow server's proxied artifacts, S3, ...) they are uploaded: the remote copy is the
-        one a team browses, the render folder the local one.
+        to the trial folder (relative): MLflow lists and serves the files from their one home, nothing is
+        copied. With a remote store (an MLflow server's proxied artifacts, S3, ...) they are uploaded: the
+        remote copy is the one a team browses, the render folder the local one.
         """
         uri = self.client.get_run(run_id).info.artifact_uri
         if uri.startswith("file:"):
@@ -211,7 +212,9 @@ class Tracker:
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
                 target.rmdir()
-            target.symlink_to(folder.resolve(), target_is_directory=True)
+            # Relative: a runs folder moved or copied whole (an archive) keeps its links.
+            link = os.path.relpath(folder.resolve(), target.parent.resolve())
+            target.symlink_to(link, target_is_directory=True)
         else:
             self.client.log_artifacts(run_id, str(folder))
 
@@ -558,3 +561,37 @@ def trial_card_html(
     parts.append(f"<h2>knob set</h2><table>{rows}</table>")
     parts.append(artifact_script(run_id) + "</body></html>")
     return "\n".join(parts)
+
+
+def relocated_store(store: Path, runs_dir: Path, folder: Path) -> Path | None:
+    """A copy of the local store ``store`` in ``folder`` whose runs name their files under ``runs_dir``, when
+    the runs folder was moved or copied (an archive) and its artifacts are no longer where they were logged;
+    None when they are (the store is served as it is). The store itself is only read: it may be read-only.
+    """
+    import sqlite3
+
+    here = (runs_dir.resolve() / MLFLOW_ARTIFACTS).as_uri()
+    with contextlib.closing(sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)) as source:
+        locations = [row[0] for row in source.execute("SELECT artifact_location FROM experiments")]
+        logged = {
+            location[: location.index(f"/{MLFLOW_ARTIFACTS}/") + len(MLFLOW_ARTIFACTS) + 1]
+            for location in locations
+            if f"/{MLFLOW_ARTIFACTS}/" in (location or "")
+        }
+        moved = sorted(
+            old for old in logged if old != here and not Path(urllib.parse.urlparse(old).path).is_dir()
+        )
+        if not moved:
+            return None
+        copy = folder / MLFLOW_FILE
+        with contextlib.closing(sqlite3.connect(copy)) as target:
+            source.backup(target)
+            for old in moved:
+                for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                    target.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                        f"WHERE substr({column}, 1, ?) = ?",
+                        (here, len(old) + 1, len(old), old),
+                    )
+            target.commit()
+    return copy

@@ -17,6 +17,7 @@ import optuna
 from optuna.trial import Trial, TrialState
 
 from sounding_anagrams.config import RenderConfig
+from sounding_anagrams.errors import debugging, one_line, raise_if_connection_lost
 from sounding_anagrams.render import Decoded, RenderResult
 from sounding_anagrams.sampler.pipeline import SamplerOutput
 from sounding_anagrams.search.stores import trial_record
@@ -193,8 +194,9 @@ class Batch:
 
     def fail(self, error: Exception) -> None:
         """Out of memory, a judge refusing input: every trial of the batch not yet judged fails, not the
-        study."""
-        logger.exception("batch of trials %s failed", self.numbers())
+        study. A lost storage is no trial's failure: it is raised again (the search stops on it)."""
+        raise_if_connection_lost(error)
+        logger.warning("batch of trials %s failed: %s", self.numbers(), one_line(error), exc_info=debugging())
         for plan in self.plans:
             self.outcomes.setdefault(
                 plan.trial.number,
