@@ -161,7 +161,7 @@ def check_writable(path: Path, field: str, advice: str = "give another folder") 
         raise ConfigError(
             field,
             str(path),
-            f"{existing} cannot be written (read-only, or no permission): give another folder",
+            f"{existing} cannot be written (read-only, or no permission): {advice}",
         )
 
 

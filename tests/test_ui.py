@@ -256,9 +256,9 @@ def test_an_archived_runs_folder_is_browsed_and_exported_read_only_and_left_as_i
             env=env,
         )
         assert refused.returncode == 2, refused.stderr
-        assert (
-            refused.stderr.startswith(f"error: {field}=") and "cannot be written (read-only" in refused.stderr
-        )
+        assert refused.stderr.startswith(f"error: {field}="), refused.stderr
+        assert "cannot be written (read-only" in refused.stderr, refused.stderr
+    assert "the gallery is written beside the renders: use a copy you can write" in refused.stderr
 
     port = free_port()
     ui = read_only([*cli, "ui", "--runs", str(archive), "--port", str(port)], archive)
