@@ -34,6 +34,7 @@ from sounding_anagrams.errors import (
     StoreError,
     database_cause,
     debugging,
+    debugging_switched_on,
     is_disk_full,
     one_line,
 )
@@ -398,8 +399,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    if args.debug:  # (read by every part through errors.debugging, worker processes too)
-        os.environ["SOUNDING_ANAGRAMS_DEBUG"] = "1"
+    with debugging_switched_on(args.debug):
+        return run_command(args, argv)
+
+
+def run_command(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed command; every error a user can cause ends here in one line and an exit code."""
     try:
         if args.command == "render":
             return run_render(args)

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+DEBUG_VARIABLE = "SOUNDING_ANAGRAMS_DEBUG"
 
 
 def debugging() -> bool:
-    """Whether the person asked for tracebacks (``--debug``, which sets ``SOUNDING_ANAGRAMS_DEBUG=1``)."""
-    return os.environ.get("SOUNDING_ANAGRAMS_DEBUG", "") not in ("", "0")
+    """Whether the person asked for tracebacks (``SOUNDING_ANAGRAMS_DEBUG=1``, or ``--debug``)."""
+    return os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def debugging_switched_on(on: bool) -> Iterator[None]:
+    """Inside, with ``on`` (``--debug``): :func:`debugging` is true, here and in the processes started here
+    (the variable is set); after, the variable is as it was (``main`` may run in a longer-lived process)."""
+    before = os.environ.get(DEBUG_VARIABLE)
+    if on:
+        os.environ[DEBUG_VARIABLE] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DEBUG_VARIABLE, None)
+        else:
+            os.environ[DEBUG_VARIABLE] = before
 
 
 class SoundingAnagramsError(Exception):

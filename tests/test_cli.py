@@ -384,6 +384,8 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_its_traceback(monkeypat
     )
     with pytest.raises(KeyError):
         cli.main(["--debug", "leaderboard", "rotate"])
+    # The flag holds for that call (and the processes it starts), not for what this process runs next.
+    assert "SOUNDING_ANAGRAMS_DEBUG" not in os.environ
     monkeypatch.setenv("SOUNDING_ANAGRAMS_DEBUG", "1")
     with pytest.raises(KeyError):
         cli.main(["leaderboard", "rotate"])
